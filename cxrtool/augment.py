@@ -13,8 +13,9 @@ from typing import Any, Callable
 from cxrtool import registry
 from cxrtool.errors import UsageError
 
-#: what ``--augment default`` means: small, anatomy-preserving changes (no flips: anatomy is lateralised)
-DEFAULT_AUGMENT = "rotate,translate,scale,contrast"
+#: what ``--augment default`` means: small rotation / translation / scale in one resampling (``affine``)
+#: and contrast jitter; no flips, because anatomy is lateralised
+DEFAULT_AUGMENT = "affine,contrast"
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,9 @@ def parse_augment(text: str | None) -> list[tuple[str, dict[str, Any]]]:
     """
     if not text or text == "none":
         return []
-    if text == "default":
-        text = DEFAULT_AUGMENT
+    items = [DEFAULT_AUGMENT if i.strip() == "default" else i for i in text.split(",")]
     out = []
-    for item in text.split(","):
+    for item in ",".join(items).split(","):
         item = item.strip()
         if not item:
             continue

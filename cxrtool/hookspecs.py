@@ -44,8 +44,8 @@ def register_projections(register):
 def read_image(path, max_size):
     """Decode ``path`` into a float32 greyscale array (H, W) in [0, 1], or return None if not understood.
 
-    ``max_size`` is a hint (the largest side the caller needs, or None): a reader may decode at a
-    reduced scale as long as both sides stay >= max_size. The first reader that returns wins.
+    ``max_size`` is a hint (the model input size, or None for full resolution): a reader may decode
+    at a reduced scale as long as both sides stay >= max_size. The first reader that returns wins.
     """
 
 

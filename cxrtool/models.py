@@ -7,6 +7,7 @@ preprocessing contract gives ``in_channels == 1``) and return logits ``(N, num_c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -110,11 +111,21 @@ def freeze(model: "nn.Module", spec: ModelSpec, trainable_blocks: int) -> None:
             p.requires_grad_(True)
 
 
+#: torchvision's DenseNet checkpoints name ``denselayerN.norm1`` as ``denselayerN.norm.1`` (torchvision
+#: renames them in its own loader; ``WeightsEnum.get_state_dict`` returns them raw)
+_LEGACY_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
 def _adapt_state_dict(model: "nn.Module", state: dict) -> tuple[dict, list[str]]:
     """Fit a pretrained state dict to ``model``: 3->1 input channels by summing, drop mismatched heads."""
     own = model.state_dict()
     out, skipped = {}, []
     for key, value in state.items():
+        legacy = _LEGACY_DENSENET_KEY.match(key)
+        if legacy and key not in own:
+            key = legacy.group(1) + legacy.group(2)
         if key not in own:
             skipped.append(key)
             continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -178,15 +179,20 @@ class PluginManager:
 
 
 _manager: PluginManager | None = None
+_lock = threading.Lock()
 
 
 def get_manager() -> PluginManager:
-    """The process-wide plugin manager, loading plugins on first use."""
+    """The process-wide plugin manager, loading plugins on first use (thread-safe: decoding threads
+    may be the first to ask, and none may see a manager whose plugins are still loading)."""
     global _manager
     if _manager is None:
-        _manager = PluginManager()
-        _manager.load_entry_points()
-        _manager.load_plugins_dirs()
+        with _lock:
+            if _manager is None:
+                manager = PluginManager()
+                manager.load_entry_points()
+                manager.load_plugins_dirs()
+                _manager = manager
     return _manager
 
 

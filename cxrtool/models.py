@@ -8,9 +8,10 @@ preprocessing contract gives ``in_channels == 1``) and return logits ``(N, num_c
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from cxrtool import registry
 from cxrtool.errors import CheckpointError, UsageError
@@ -79,25 +80,25 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
     return {**spec.options, **options}
 
 
-def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None) -> "nn.Module":
+def build_model(name: str, num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
     """Build model ``name`` for ``num_classes`` outputs with 1 input channel."""
     spec = get_spec(name)
     return spec.build(num_classes=num_classes, in_channels=1, **check_options(spec, options or {}))
 
 
-def get_submodule(model: "nn.Module", dotted: str) -> "nn.Module":
+def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
     try:
         return model.get_submodule(dotted)
     except AttributeError:
         raise UsageError(f"model has no layer {dotted!r}; see `cxrtool layers`") from None
 
 
-def layer_names(model: "nn.Module") -> list[str]:
+def layer_names(model: nn.Module) -> list[str]:
     """Every addressable (named) submodule, in definition order."""
     return [n for n, _ in model.named_modules() if n]
 
 
-def freeze(model: "nn.Module", spec: ModelSpec, trainable_blocks: int) -> None:
+def freeze(model: nn.Module, spec: ModelSpec, trainable_blocks: int) -> None:
     """Freeze all parameters except the head and the last ``trainable_blocks`` trunk blocks."""
     if trainable_blocks < 0:
         return
@@ -118,7 +119,7 @@ _LEGACY_DENSENET_KEY = re.compile(
 )
 
 
-def _adapt_state_dict(model: "nn.Module", state: dict) -> tuple[dict, list[str]]:
+def _adapt_state_dict(model: nn.Module, state: dict) -> tuple[dict, list[str]]:
     """Fit a pretrained state dict to ``model``: 3->1 input channels by summing, drop mismatched heads."""
     own = model.state_dict()
     out, skipped = {}, []
@@ -139,7 +140,7 @@ def _adapt_state_dict(model: "nn.Module", state: dict) -> tuple[dict, list[str]]
     return out, skipped
 
 
-def load_pretrained(model: "nn.Module", spec: ModelSpec, source: str) -> list[str]:
+def load_pretrained(model: nn.Module, spec: ModelSpec, source: str) -> list[str]:
     """Load ``source`` ("imagenet" for the spec's torchvision weights, or a local weights file).
 
     Returns the keys that were not loaded (typically the classifier head). Local files are read
@@ -182,4 +183,16 @@ def load_pretrained(model: "nn.Module", spec: ModelSpec, source: str) -> list[st
     if not fitted:
         raise CheckpointError(f"none of the weights in {source} fit model {spec.name!r}")
     model.load_state_dict(fitted, strict=False)
+    head = f"{spec.head}."
+    untouched = [k for k in model.state_dict() if k not in fitted and not k.startswith(head)
+                 and not k.endswith("num_batches_tracked")]
+    if untouched:
+        import warnings
+
+        warnings.warn(
+            f"--pretrained {source}: {len(untouched)} of the model's weights outside the head were not in the "
+            f"file and stay randomly initialised (e.g. {untouched[0]})",
+            UserWarning,
+            stacklevel=2,
+        )
     return skipped

@@ -158,7 +158,7 @@ class PluginManager:
         """
         found: dict[str, tuple[object, str]] = {}
         hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # pluggy lists them last-registered first
+        for impl in hook.get_hookimpls():  # registration order: built-ins (loaded first) keep their names
             plugin_name = impl.plugin_name
             info = self.info.setdefault(plugin_name, PluginInfo(name=plugin_name, source="runtime"))
             if not info.ok:

@@ -324,7 +324,7 @@ def _render(
             specs = [(rng.uniform(0.10, 0.15) * size, rng.uniform(0.22, 0.30), 2.0, None)]
         else:
             n = int(rng.integers(4, 8))
-            specs = [(rng.uniform(0.035, 0.06) * size, rng.uniform(0.07, 0.12), 1.0, i % 2) for i in range(n)]
+            specs = [(rng.uniform(0.035, 0.06) * size, rng.uniform(0.10, 0.16), 1.0, i % 2) for i in range(n)]
         field = np.zeros_like(u)
         for radius, amp, sharp, side in specs:
             cands = ellipses if side is None else [ellipses[side]]

@@ -37,7 +37,14 @@ def _root(
     """Chest X-ray deep learning with explainability at its heart."""
 
 
+_built = False
+
+
 def _build() -> typer.Typer:
+    global _built
+    if _built:
+        return app
+    _built = True
     from cxrtool.cli import data, demo, evaluate, inventory, predict, train
 
     for module in (train, evaluate, predict, inventory, demo, data):
@@ -45,7 +52,7 @@ def _build() -> typer.Typer:
     from cxrtool.plugins import get_manager
 
     manager = get_manager()
-    for impl in reversed(manager.pm.hook.register_commands.get_hookimpls()):
+    for impl in manager.pm.hook.register_commands.get_hookimpls():
         info = manager.info.get(impl.plugin_name)
         try:
             impl.function(app=app)

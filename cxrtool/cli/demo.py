@@ -32,10 +32,11 @@ def demo(
     err_console.rule("1/4  generate synthetic chest X-ray phantoms")
     write_dataset(data / "train", n_per_class=n_per_class, size=size, seed=seed)
     write_dataset(data / "test", n_per_class=max(20, n_per_class // 4), size=size, seed=seed + 1)
-    err_console.print(f"{data}/train and {data}/test: NORMAL and LESION folders, lesion positions in labels.csv")
+    err_console.print(f"{data}/train and {data}/test: NORMAL and LESION folders; labels.csv in each holds the "
+                      "labels, patient ids and lesion positions")
 
     err_console.rule("2/4  train (compact CNN, patient-aware validation split)")
-    cfg = TrainConfig(data=str(data), model="compact", size=size, epochs=epochs, seed=seed, patience=0,
+    cfg = TrainConfig(data=str(data / "train" / "labels.csv"), model="compact", size=size, epochs=epochs, seed=seed, patience=0,
                       target_sensitivity=0.95, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def on_epoch(row: dict) -> None:
@@ -48,7 +49,7 @@ def demo(
     run = Path(summary["run_dir"])
 
     err_console.rule("3/4  evaluate on held-out phantoms (data/test)")
-    evaluate(data=data, checkpoint=run, split="test", out=out / "eval", quiet=quiet)
+    evaluate(data=data / "test" / "labels.csv", checkpoint=run, out=out / "eval", quiet=quiet)
 
     err_console.rule("4/4  predict a few images")
     samples = sorted((data / "test" / "LESION").glob("*.png"))[:2] + sorted((data / "test" / "NORMAL").glob("*.png"))[:2]

@@ -38,6 +38,8 @@ def lazy_build(module: str, function: str, defaults: dict[str, Any], **fixed: An
     checks options against the spec first and reports a usage error).
     """
 
+    defaults = dict(defaults)
+
     def build(num_classes: int, in_channels: int = 1, **options: Any):
         unknown = set(options) - set(defaults)
         if unknown:
@@ -49,9 +51,7 @@ def lazy_build(module: str, function: str, defaults: dict[str, Any], **fixed: An
     return build
 
 
-def _resnet_spec(
-    name: str, depth: int, description: str, activation: str = "relu", reference: str = ""
-) -> ModelSpec:
+def _resnet_spec(name: str, depth: int, description: str, activation: str = "relu", reference: str = "") -> ModelSpec:
     return ModelSpec(
         name=name,
         build=lazy_build("resnet", "build", {}, depth=depth, activation=activation),

@@ -48,3 +48,45 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
+
+
+def float_option(name: str, value, low: float, high: float) -> float:
+    """``value`` as a float in ``[low, high)``; a usage error otherwise (options may come as text)."""
+    from cxrtool.errors import UsageError
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"model option {name}={value!r} is not a number") from None
+    if not low <= number < high:
+        raise UsageError(f"model option {name}={value!r} must be in [{low}, {high})")
+    return number
+
+
+def int_option(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low``; a usage error otherwise."""
+    from cxrtool.errors import UsageError
+
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise UsageError(f"model option {name}={value!r} is not an integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"model option {name}={value!r} is not an integer") from None
+    if number < low:
+        raise UsageError(f"model option {name}={value!r} must be >= {low}")
+    return number
+
+
+def bool_option(name: str, value) -> bool:
+    """``value`` as a bool: accepts bools, 0/1 and the words true/false/yes/no/on/off."""
+    from cxrtool.errors import UsageError
+
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"model option {name}={value!r} is not true/false")

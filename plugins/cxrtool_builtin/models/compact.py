@@ -11,14 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrtool_builtin.models._layers import conv_bn_relu, init_weights
+from cxrtool_builtin.models._layers import conv_bn_relu, float_option, init_weights, int_option
 
 
 class CompactCNN(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 16, dropout: float = 0.2):
         super().__init__()
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
         widths = [width * 2**i for i in range(5)]
         c_in = in_channels
         for i, w in enumerate(widths, start=1):
@@ -38,4 +36,9 @@ class CompactCNN(nn.Module):
 
 
 def build(num_classes: int, in_channels: int = 1, *, width: int, dropout: float) -> nn.Module:
-    return CompactCNN(num_classes, in_channels, width=int(width), dropout=float(dropout))
+    return CompactCNN(
+        num_classes,
+        in_channels,
+        width=int_option("width", width, 1),
+        dropout=float_option("dropout", dropout, 0.0, 1.0),
+    )

@@ -15,9 +15,7 @@ class DenseNet121(DenseNet):
     in-place op touches a hookable output. Parameter names are torchvision's."""
 
     def __init__(self, num_classes: int, in_channels: int = 1):
-        super().__init__(
-            growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes
-        )
+        super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
         self.features.conv0 = adapt_first_conv(self.features.conv0, in_channels)
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)

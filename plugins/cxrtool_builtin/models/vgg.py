@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cxrtool_builtin.models._layers import init_weights
+from cxrtool_builtin.models._layers import bool_option, float_option, init_weights, int_option
 from cxrtool_builtin.models._layout import VGG16_CFG
 
 
@@ -84,8 +84,18 @@ class VGG16BN(nn.Module):
 
 
 def build_small(num_classes: int, in_channels: int = 1, *, dropout: float, first_pool: bool) -> nn.Module:
-    return VGGSmall(num_classes, in_channels, dropout=float(dropout), first_pool=bool(first_pool))
+    return VGGSmall(
+        num_classes,
+        in_channels,
+        dropout=float_option("dropout", dropout, 0.0, 1.0),
+        first_pool=bool_option("first_pool", first_pool),
+    )
 
 
 def build_vgg16_bn(num_classes: int, in_channels: int = 1, *, dropout: float, hidden: int) -> nn.Module:
-    return VGG16BN(num_classes, in_channels, dropout=float(dropout), hidden=int(hidden))
+    return VGG16BN(
+        num_classes,
+        in_channels,
+        dropout=float_option("dropout", dropout, 0.0, 1.0),
+        hidden=int_option("hidden", hidden, 1),
+    )

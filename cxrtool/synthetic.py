@@ -1,15 +1,14 @@
 """Deterministic synthetic chest X-ray "phantoms" and datasets (numpy + Pillow only, no torch).
 
-Anatomy model, in normalised image coordinates u, v in [-1, 1] (v points down), jittered per sample
-by a small rotation, zoom and shift: dark air outside a bright soft-tissue torso (a super-ellipse);
-two darker lung fields (ellipses that narrow towards the apex, each with its own position, size and
-tilt) from which the heart (an ellipse low and to the image right of the midline) is cut away; a
-bright spine with vertebral modulation down the midline; clavicles; posterior ribs as periodic
-curved bright bands (one phase field per side) that show mostly over the lungs, fainter anterior
-ribs curving the other way; hilar brightness near the mediastinum; smooth low-frequency noise,
-lung texture, quantum noise and a random global contrast / brightness / gamma. Lesions are
-blurred bright textured opacities whose disc (centre x, y and radius r, in pixels) lies inside a
-lung field; their ground-truth mask is returned so explainers and anomaly detectors can be checked.
+Anatomy model, in normalised coordinates u, v in [-1, 1] (v down), with a per-image rotation, zoom
+and shift: dark air around a bright soft-tissue torso (rounded box); two darker lung fields (tilted
+ellipses narrowing to the apex, cut below by diaphragm domes, their darkness fading to the edges)
+from which the heart (an ellipse low and to the image right) is cut away; a bright spine with
+vertebrae; clavicles; ribs as periodic curved bright bands (posterior strong, anterior faint) that
+show mostly over the lungs; hilar brightness; lung texture, smooth exposure noise, quantum noise
+and a random global contrast / brightness / gamma. Lesions are blurred bright textured opacities
+whose disc (centre x, y and radius r in pixels) lies inside a lung field; their mask is returned
+so explainers and anomaly detectors can be checked against known positions.
 
 Lesion patterns: ``"focal"`` (one consolidation-like blob, r = 4-10 % of the image size),
 ``"lobar"`` (one large dense consolidation confined to the lung, the BACTERIA class) and

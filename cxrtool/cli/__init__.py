@@ -45,9 +45,9 @@ def _build() -> typer.Typer:
     if _built:
         return app
     _built = True
-    from cxrtool.cli import data, demo, evaluate, inventory, predict, train
+    from cxrtool.cli import anomaly, data, demo, embed, evaluate, explain, inventory, predict, train
 
-    for module in (train, evaluate, predict, inventory, demo, data):
+    for module in (train, evaluate, predict, explain, embed, anomaly, inventory, demo, data):
         module.register(app)
     from cxrtool.plugins import get_manager
 

@@ -68,7 +68,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     cm = result["confusion_matrix"]
     report.write_confusion_csv(cm, names, out / "confusion.csv")
-    report.plot_confusion_matrix(cm, names, out / "confusion.png", title=f"{Path(data).name} ({split_name}, n={len(y)})")
+    report.plot_confusion_matrix(cm, names, out / "confusion.png", title=f"{Path(data).name} ({split_name})")
     op_marker = None
     if thr is not None and neg is not None and result.get("abnormal_vs_normal"):
         av = result["abnormal_vs_normal"]

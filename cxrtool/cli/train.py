@@ -59,29 +59,25 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a classifier on chest X-rays; writes checkpoints, metrics and curves to a run folder."""
+    import json
+
     from cxrtool.errors import UsageError
     from cxrtool.train import TrainConfig, Trainer, load_config_file
 
-    settings: dict = {}
-    if resume is not None:
-        from cxrtool.io import to_json  # noqa: F401  (keeps the import cost in the command)
-        import json
-
+    fields = set(TrainConfig.__dataclass_fields__)
+    if resume is not None:  # the run's own config; only a few settings may change when resuming
         cfg_path = Path(resume) / "config.json"
         if not cfg_path.is_file():
             raise UsageError(f"--resume {resume}: not a run folder (no config.json)")
-        settings = json.loads(cfg_path.read_text())
-    elif config is not None:
-        settings = load_config_file(config)
-    # command-line values override the file only where the user typed them
-    source = ctx.get_parameter_source
-    given = {k: v for k, v in ctx.params.items() if source(k) is not None and source(k).name == "COMMANDLINE"}
-    if resume is not None:
-        given = {k: v for k, v in given.items() if k in ("epochs", "patience", "threads", "quiet", "json_out", "resume")}
-    for key, value in given.items():
-        if key in ("config", "resume", "quiet", "json_out", "model_option"):
-            continue
-        settings[key] = str(value) if isinstance(value, Path) else value
+        base, changeable = json.loads(cfg_path.read_text()), {"epochs", "patience", "threads"}
+    else:
+        base, changeable = (load_config_file(config) if config else {}), fields
+    # precedence: options typed on the command line > the config file > the defaults
+    typed = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    settings = {k: v for k, v in ctx.params.items() if k in fields}
+    settings.update(base)
+    settings.update({k: ctx.params[k] for k in typed & changeable})
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
     if model_option:
         opts = dict(settings.get("model_options") or {})
         for item in model_option:
@@ -90,15 +86,12 @@ def train(
                 raise UsageError(f"--model-option expects KEY=VALUE, got {item!r}")
             opts[k] = _parse_value(v)
         settings["model_options"] = opts
-    for key in TrainConfig.__dataclass_fields__:
-        if key not in settings and key in ctx.params and key not in ("data", "out"):
-            settings[key] = ctx.params[key]
     if not settings.get("data"):
         raise UsageError("--data is required (a folder per class, a CSV manifest or a .npz)")
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
 
     def on_epoch(row: dict) -> None:
-        if quiet and not json_out:
+        if quiet:
             return
         star = " *" if row["best"] else ""
         err_console.print(

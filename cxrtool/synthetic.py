@@ -20,12 +20,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from cxrtool.errors import UsageError
+from cxrtool.errors import DataError, UsageError
 
 __all__ = [
     "CLASS_PATTERNS",
@@ -251,7 +252,7 @@ def _render(
     # darkness fades towards the edges (the lung is thinner there)
     lung = np.zeros_like(u)
     depth = np.zeros_like(u)
-    for L, dome in zip(anat["lungs"], anat["diaphragm"]):
+    for L, dome in zip(anat["lungs"], anat["diaphragm"], strict=True):
         cl, sl = math.cos(L["tilt"]), math.sin(L["tilt"])
         du, dv = u - f32(L["cx"]), v - f32(L["cy"])
         pu = f32(cl) * du + f32(sl) * dv
@@ -278,8 +279,10 @@ def _render(
     ribs *= (phase > 0.0) & (phase < 10.0)
     phase_a = (v - f32(anat["rib_v0"] + 0.25) + f32(0.5) * lat) * f32(1.0 / (anat["rib_sp"] * 1.1))
     frac_a = phase_a - np.floor(phase_a)
-    ribs += f32(0.35) * _smoothstep(1.0 - np.abs(frac_a - 0.5) * f32(1.0 / 0.2)) * (
-        (phase_a > 0.0) & (phase_a < 6.0) & (lat > 0.08)
+    ribs += (
+        f32(0.35)
+        * _smoothstep(1.0 - np.abs(frac_a - 0.5) * f32(1.0 / 0.2))
+        * ((phase_a > 0.0) & (phase_a < 6.0) & (lat > 0.08))
     )
 
     # clavicles
@@ -313,12 +316,16 @@ def _render(
             zu = anat["zoom"] * (c * lu + s * lv)
             zv = anat["zoom"] * (-s * lu + c * lv)
             ellipses.append(
-                ((zu + 1) * half - 0.5, (zv + 1) * half - 0.5, L["a"] * half * anat["zoom"] * 0.8,
-                 L["b"] * half * anat["zoom"] * 0.8)
+                (
+                    (zu + 1) * half - 0.5,
+                    (zv + 1) * half - 0.5,
+                    L["a"] * half * anat["zoom"] * 0.8,
+                    L["b"] * half * anat["zoom"] * 0.8,
+                )
             )
         lesion_tex = _smooth_noise(size, 24, rng)
         if pattern == "focal":
-            specs = [(rng.uniform(0.04, 0.10) * size, rng.uniform(0.24, 0.34), 1.5, None)]
+            specs = [(rng.uniform(0.04, 0.10) * size, rng.uniform(0.28, 0.38), 2.0, None)]
         elif pattern == "lobar":
             specs = [(rng.uniform(0.10, 0.15) * size, rng.uniform(0.22, 0.30), 2.0, None)]
         else:
@@ -386,9 +393,7 @@ def _class_patterns(classes: Sequence[str]) -> list[str | None]:
     for name in classes:
         key = str(name).upper()
         if key not in CLASS_PATTERNS:
-            raise UsageError(
-                f"unknown synthetic class {name!r}; valid classes: {', '.join(CLASS_PATTERNS)}"
-            )
+            raise UsageError(f"unknown synthetic class {name!r}; valid classes: {', '.join(CLASS_PATTERNS)}")
         out.append(CLASS_PATTERNS[key])
     return out
 
@@ -528,7 +533,10 @@ def parse_lesions(row: dict[str, str]) -> list[dict[str, float]]:
     xs, ys, rs = (str(row.get(k) or "").strip() for k in ("lesion_x", "lesion_y", "lesion_r"))
     if not xs:
         return []
-    return [
-        {"x": float(x), "y": float(y), "r": float(r)}
-        for x, y, r in zip(xs.split(";"), ys.split(";"), rs.split(";"))
-    ]
+    try:
+        return [
+            {"x": float(x), "y": float(y), "r": float(r)}
+            for x, y, r in zip(xs.split(";"), ys.split(";"), rs.split(";"), strict=True)
+        ]
+    except ValueError as exc:
+        raise DataError(f"malformed lesion fields in manifest row {row.get('path', '?')!r}: {exc}") from exc

@@ -341,7 +341,7 @@ class Trainer:
         higher = cfg.monitor != "val_loss"
         stale = start_epoch - 1 - best_epoch if best_epoch else 0
         t_start = time.perf_counter()
-        images_seen = 0
+        images_seen, train_loop_seconds = 0, 0.0
         stopped_early = False
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
@@ -378,6 +378,7 @@ class Trainer:
                     advance(len(idx))
             train_time = time.perf_counter() - t0
             images_seen += n_seen
+            train_loop_seconds += train_time
 
             probs = predict_arrays(model, data.val_x, pp)
             val_y = data.val.labels
@@ -470,8 +471,8 @@ class Trainer:
             "split": data.split_note,
             "operating_point": operating_point,
             "val_metrics": val_metrics,
-            "train_seconds": train_seconds,
-            "train_images_per_s": images_seen / train_seconds if train_seconds > 0 else None,
+            "train_seconds": train_seconds,  # wall time of all epochs, validation and checkpoints included
+            "train_images_per_s": images_seen / train_loop_seconds if train_loop_seconds > 0 else None,
         }
         write_json(run_dir / "summary.json", summary)
         ckpt.write_latest(run_dir)

@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_train(data: Path, n: int, size: int, epochs: int, augment: str) -> tuple[float, float]:
+    """Best epoch of the Trainer vs best epoch of a bare loop (same model, images, batch, optimiser).
+
+    The best epoch, not the mean, is compared so that other load on a shared machine does not decide
+    the ratio; the two sides alternate epoch by epoch for the same reason.
+    """
     import torch
 
     from cxrtool.data import decode_all, load_splits
@@ -42,13 +47,7 @@ def bench_train(data: Path, n: int, size: int, epochs: int, augment: str) -> tup
         fh.write("path,label,patient_id\n")
         for p, lab, pt in zip(ds.paths, ds.labels, ds.patients):
             fh.write(f"{p},{ds.class_names[lab]},{pt}\n")
-    cfg = TrainConfig(data=str(manifest), size=size, epochs=epochs, patience=0, augment=augment, out=str(tmp / "run"),
-                      val_fraction=0.1)
     os.environ["CXRTOOL_RUNS_DIR"] = str(tmp / "runs")
-    summary = Trainer(cfg).run()
-    ours = summary["train_images_per_s"]
-
-    # bare loop: same model, same decoded images, same batch size / optimiser, no cxrtool code
     pp = Preprocessing(size=size)
     x_all, kept = decode_all(ds, pp)
     x = (torch.from_numpy(x_all).unsqueeze(1).float() / 255 - 0.5) / 0.25
@@ -57,22 +56,28 @@ def bench_train(data: Path, n: int, size: int, epochs: int, augment: str) -> tup
     model = build_model("compact", 2)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
-    n_train = summary["n_train"]
-    t0 = time.perf_counter()
-    seen = 0
-    for _ in range(epochs):
+    n_train = int(len(x) * 0.9)
+
+    def bare_epoch() -> float:
+        model.train()
         perm = torch.randperm(len(x))[:n_train]
+        t0 = time.perf_counter()
         for b in range(0, n_train, 64):
             idx = perm[b : b + 64]
             loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            seen += len(idx)
-    bare = seen / (time.perf_counter() - t0)
+        return n_train / (time.perf_counter() - t0)
+
+    ours, bare = [], []
+    for rep in range(epochs):
+        cfg = TrainConfig(data=str(manifest), size=size, epochs=1, patience=0, augment=augment,
+                          out=str(tmp / f"run{rep}"), val_fraction=0.1, seed=rep)
+        ours.append(Trainer(cfg).run()["train_images_per_s"])
+        bare.append(bare_epoch())
     shutil.rmtree(tmp, ignore_errors=True)
-    return ours, bare
+    return max(ours), max(bare)
 
 
 def bench_predict(data: Path, n: int, size: int) -> tuple[float, float, float]:
@@ -138,7 +143,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "kermany224" / "train")
     ap.add_argument("--n", type=int, default=1024, help="images used")
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3, help="alternating repeats (best one counts)")
     args = ap.parse_args()
     import torch
 
@@ -154,7 +159,7 @@ def main() -> None:
     for augment in ("none", "default"):
         ours, bare = bench_train(args.data, args.n, args.size, args.epochs, augment)
         print(f"train (augment={augment:<7}) {ours:6.0f} img/s   bare loop (no augmentation) {bare:6.0f} img/s   "
-              f"ratio {ours / bare:.2f} (goal >= 0.9 with augment=none)")
+              f"ratio {ours / bare:.2f}" + (" (goal >= 0.9)" if augment == "none" else " (augmentation's cost)"))
 
 
 if __name__ == "__main__":

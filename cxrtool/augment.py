@@ -7,8 +7,9 @@ with tensor ops (one ``grid_sample`` for all geometric changes) keeps it off the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from cxrtool import registry
 from cxrtool.errors import UsageError

@@ -25,10 +25,10 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> "ImageSet":
+    def subset(self, idx: Sequence[int] | np.ndarray) -> ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSet(
             paths=[self.paths[i] for i in idx],
@@ -77,7 +77,7 @@ class ImageSet:
     def counts(self) -> dict[str, int]:
         return {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}
 
-    def with_classes(self, class_names: list[str]) -> "ImageSet":
+    def with_classes(self, class_names: list[str]) -> ImageSet:
         """Re-index labels onto ``class_names`` (e.g. a checkpoint's order); unknown labels are an error."""
         mapping = {}
         for i, name in enumerate(self.class_names):
@@ -420,7 +420,7 @@ def iter_batches(ds: ImageSet, pp: Preprocessing, batch_size: int, workers: int 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         chunks = [list(range(s, min(s + batch_size, len(ds)))) for s in range(0, len(ds), batch_size)]
         pending = pool.map(one, chunks[0]) if chunks else None
-        for k, chunk in enumerate(chunks):
+        for k in range(len(chunks)):
             results = list(pending)
             pending = pool.map(one, chunks[k + 1]) if k + 1 < len(chunks) else None
             ok = [(i, a) for i, a, e in results if e is None]

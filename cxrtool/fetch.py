@@ -11,8 +11,8 @@ import hashlib
 import os
 import shutil
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cxrtool.errors import DataError, UnknownNameError
 

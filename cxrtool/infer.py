@@ -4,8 +4,8 @@ holds a whole dataset decoded in memory, overlaps decoding with the forward pass
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def predict_set(
         for arr, idx, bad in iter_batches(ds, pp, batch_size):
             if bad and strict:
                 raise ImageReadError(bad[0][1])
-            for i, msg in bad:
+            for _, msg in bad:
                 warnings.warn(f"skipped unreadable image {msg}", DataWarning, stacklevel=2)
             failures.extend(bad)
             if len(idx):

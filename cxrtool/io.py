@@ -7,8 +7,9 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -88,8 +89,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 def versions() -> dict[str, str]:
     """Versions of cxrtool and the libraries results depend on (saved next to every result)."""
-    from importlib import metadata
     import platform
+    from importlib import metadata
 
     out = {"python": platform.python_version()}
     for dist in ("cxrtool", "torch", "torchvision", "numpy", "scikit-learn", "captum", "pillow", "safetensors"):

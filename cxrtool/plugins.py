@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -165,7 +165,7 @@ class PluginManager:
                 continue
             mine: list[tuple[str, object]] = []
             try:
-                impl.function(lambda spec: mine.append((key(spec), spec)))
+                impl.function(partial(_append_named, mine, key))
             except Exception as exc:
                 self._warn(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
                 continue
@@ -176,6 +176,10 @@ class PluginManager:
                 found[name] = (spec, plugin_name)
                 info.registers.setdefault(kind, []).append(name)
         return found
+
+
+def _append_named(store: list, key, spec) -> None:
+    store.append((key(spec), spec))
 
 
 _manager: PluginManager | None = None
@@ -211,4 +215,3 @@ def read_image_hook(path, max_size):
 
 
 __all__ = ["PluginInfo", "PluginManager", "PluginWarning", "get_manager", "reset_manager", "read_image_hook"]
-del sys

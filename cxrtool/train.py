@@ -12,12 +12,13 @@ import dataclasses
 import json
 import math
 import time
-import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import tomllib
 
 from cxrtool.errors import DataError, TrainingError, UsageError
 from cxrtool.imaging import Preprocessing
@@ -69,7 +70,7 @@ class TrainConfig:
     out: str | None = None
     name: str | None = None
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for value, allowed, opt in (
             (self.optimizer, OPTIMIZERS, "--optimizer"),
             (self.schedule, SCHEDULES, "--schedule"),
@@ -264,7 +265,7 @@ class Trainer:
         from cxrtool.data import write_split_csv
         from cxrtool.imaging import normalize
         from cxrtool.io import versions, write_csv, write_json
-        from cxrtool.models import build_model, freeze, get_spec, load_pretrained
+        from cxrtool.models import freeze, get_spec, load_pretrained
 
         cfg = self.cfg
         if cfg.threads:

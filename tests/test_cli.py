@@ -4,7 +4,6 @@ resume, config files, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

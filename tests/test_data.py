@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrtool.data import (DataWarning, check_classes, decode_all, kermany_patient, kermany_subtype, load_splits,
-                          patient_split)
+from cxrtool.data import (
+    DataWarning,
+    check_classes,
+    decode_all,
+    kermany_patient,
+    kermany_subtype,
+    load_splits,
+    patient_split,
+)
 from cxrtool.errors import DataError, ImageReadError, UsageError
 from cxrtool.imaging import Preprocessing
 

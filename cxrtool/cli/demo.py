@@ -20,10 +20,10 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Generate phantoms with lesions at known places, train, evaluate, predict: a first look in ~1 minute."""
+    from cxrtool.cli._common import progress_bars
     from cxrtool.cli.evaluate import evaluate
     from cxrtool.cli.predict import predict
     from cxrtool.cli.train import _render
-    from cxrtool.cli._common import progress_bars
     from cxrtool.synthetic import write_dataset
     from cxrtool.train import TrainConfig, Trainer
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cxrtool.cli._common import CheckpointOpt, JsonOpt, out_console, print_json
+from cxrtool.cli._common import JsonOpt, out_console, print_json
 
 
 def plugins(json_out: JsonOpt = False) -> None:
@@ -83,12 +83,13 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or run
         print_json({"path": str(path), **meta})
         return
     op = meta.get("operating_point") or {}
+    op_text = f"threshold {op['threshold']:.4f}, chosen for {op.get('target')}" if op else "none (argmax)"
     lines = [
         f"[bold]{path}[/]  ({meta.get('kind')}, created {meta.get('created')})",
         f"model: {meta['model']['name']} {meta['model'].get('options') or ''}{'  (two-stage cascade)' if meta.get('cascade') else ''}",
         f"classes: {', '.join(meta.get('class_names', []))}  (negative: {meta.get('negative_class')})",
         f"preprocessing: {meta.get('preprocessing')}",
-        f"operating point: {('threshold %.4f, chosen for %s' % (op['threshold'], op.get('target'))) if op else 'none (argmax)'}",
+        f"operating point: {op_text}",
         f"epoch: {meta.get('epoch')}   metrics: " + ", ".join(
             f"{k}={v:.4f}" for k, v in (meta.get("metrics") or {}).items() if isinstance(v, float)),
         f"versions: {meta.get('versions')}",

@@ -101,10 +101,20 @@ class PluginManager:
     def load_entry_points(self) -> None:
         only = _split_env("CXRTOOL_LOAD_PLUGINS")
         disabled = _split_env("CXRTOOL_DISABLE_PLUGINS") or set()
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if (only is not None and ep.name not in only) or ep.name in disabled or ep.name in self.info:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        # cxrtool's own plugins first, so a third-party plugin cannot take a built-in name
+        for ep in sorted(eps, key=lambda e: (_dist_name(e) != "cxrtool", e.name)):
+            if (only is not None and ep.name not in only) or ep.name in disabled:
                 continue
             dist = getattr(ep, "dist", None)
+            if ep.name in self.info:
+                warnings.warn(
+                    f"plugin {ep.name!r} from {_dist_name(ep)} skipped: the name is already taken by "
+                    f"{self.info[ep.name].distribution or self.info[ep.name].module}",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+                continue
             info = PluginInfo(
                 name=ep.name,
                 source="entry point",
@@ -124,10 +134,12 @@ class PluginManager:
         dirs = os.environ.get("CXRTOOL_PLUGINS_DIR")
         if not dirs:
             return
+        only = _split_env("CXRTOOL_LOAD_PLUGINS")
         disabled = _split_env("CXRTOOL_DISABLE_PLUGINS") or set()
         for d in dirs.split(os.pathsep):
             for path in sorted(Path(d).glob("*.py")) if d else []:
-                self.load_file(path, disabled)
+                if only is None or path.stem in only:
+                    self.load_file(path, disabled)
 
     def load_file(self, path: Path, disabled: set[str] = frozenset()) -> None:
         name = path.stem
@@ -210,8 +222,36 @@ def reset_manager() -> None:
 
 
 def read_image_hook(path, max_size):
-    """Run the ``read_image`` hook (first non-None result wins)."""
-    return get_manager().pm.hook.read_image(path=path, max_size=max_size)
+    """Run the ``read_image`` hook: the first reader returning non-None wins.
+
+    A reader that fails with anything but :class:`~cxrtool.errors.ImageReadError` (its way of saying
+    "this file is mine but broken") is a broken plugin: it is named in a warning, marked in
+    ``cxrtool plugins`` and skipped, so one bad reader cannot stop every image from being read.
+    """
+    from cxrtool.errors import ImageReadError
+
+    manager = get_manager()
+    kwargs = {"path": path, "max_size": max_size}
+    for impl in reversed(manager.pm.hook.read_image.get_hookimpls()):  # pluggy's own call order
+        info = manager.info.get(impl.plugin_name)
+        if info is not None and not info.ok:
+            continue
+        try:
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+        except ImageReadError:
+            raise
+        except Exception as exc:
+            if info is not None:
+                manager._warn(info, f"read_image raised {type(exc).__name__}: {exc}")
+            continue
+        if result is not None:
+            return result
+    return None
+
+
+def _dist_name(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist else "?"
 
 
 __all__ = ["PluginInfo", "PluginManager", "PluginWarning", "get_manager", "reset_manager", "read_image_hook"]

@@ -19,6 +19,7 @@ KINDS: dict[str, str] = {
 }
 
 _cache: dict[str, dict[str, tuple[object, str]]] = {}
+_cache_owner: list = [None]  # the manager the cache was collected from
 
 
 def clear_cache() -> None:
@@ -26,8 +27,12 @@ def clear_cache() -> None:
 
 
 def _all(kind: str) -> dict[str, tuple[object, str]]:
+    manager = get_manager()
+    if _cache_owner[0] is not manager:  # plugins were reloaded: collect again
+        _cache.clear()
+        _cache_owner[0] = manager
     if kind not in _cache:
-        _cache[kind] = get_manager().collect(KINDS[kind], kind)
+        _cache[kind] = manager.collect(KINDS[kind], kind)
     return _cache[kind]
 
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from cxrtool_builtin import augmentations as aug
 
 from cxrtool import plugins, registry
 from cxrtool.augment import DEFAULT_AUGMENT, build_pipeline, parse_augment
 from cxrtool.errors import UnknownNameError, UsageError
+from cxrtool_builtin import augmentations as aug
 
 NAMES = ["affine", "blur", "contrast", "hflip", "noise", "rotate", "scale", "translate"]
 #: options that make every augmentation change the images clearly, so "differs" checks are meaningful

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cxrtool_builtin import readers
 from PIL import Image
 
 from cxrtool import plugins
 from cxrtool.errors import ImageReadError
+from cxrtool_builtin import readers
 
 
 @pytest.fixture

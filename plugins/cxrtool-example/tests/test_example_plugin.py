@@ -25,6 +25,7 @@ def _outputs(tmp_path, monkeypatch):
 # -- installed and registered ------------------------------------------------------------------------
 def test_installed_and_listed():
     import cxrtool_example
+
     from cxrtool import registry
 
     registry.collect_all()  # what `cxrtool plugins` does before listing

@@ -241,13 +241,12 @@ def evaluate_images(
     (mean, std, n of each metric), the same split by explained class, the random-map baseline and
     per-image rows.
     """
-    from cxrtool.metrics import decide
-
     import time
 
     import torch
 
     from cxrtool.explain import predict_probs
+    from cxrtool.metrics import decide
 
     rows: list[dict[str, Any]] = []
     per: dict[str, dict[str, list]] = {m: {"deletion_auc": [], "insertion_auc": [], "spearman": [], "spearman_abs": [],

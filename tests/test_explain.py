@@ -224,6 +224,10 @@ def test_occlusion_memory_budget_bounds_the_batch():
     ctx = ctx_for(model, 64, ("a", "b", "c"), memory_mb=0)
     tiny = exp.attribute(x, torch.tensor([1]), ctx)
     np.testing.assert_allclose(tiny.maps, small.maps, atol=1e-6)
+    # engine=auto keeps the cone's cache of clean activations within the budget too
+    auto = Occlusion(patch=8, stride=8).attribute(x, torch.tensor([1]), ctx)
+    assert auto.extras["engine"] == ["captum"] and "memory-mb" in auto.extras["cone_skipped"][0]
+    np.testing.assert_allclose(auto.maps, small.maps, atol=1e-6)
 
 
 # -- integrated gradients ----------------------------------------------------------------------------------

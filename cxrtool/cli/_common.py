@@ -21,7 +21,7 @@ out_console = Console(highlight=False)
 
 CheckpointOpt = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help="Checkpoint file or run folder [default: the latest run's best]."),
+    typer.Option("--checkpoint", "-c", help="Checkpoint file or run folder (default: the latest run's best)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -17,12 +17,12 @@ anomaly_app = typer.Typer(
 
 AnomalyCheckpointOpt = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help="Anomaly checkpoint file or run folder [default: the latest `anomaly train` run]."),
+    typer.Option("--checkpoint", "-c", help="Anomaly checkpoint file or run folder (default: the latest `anomaly train` run)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch when scoring.")]
 StrictOpt = Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch [default: torch's choice].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
 
 
 def _threads(n: int | None) -> None:
@@ -55,18 +55,18 @@ def train(
     detector: Annotated[str, typer.Option("--detector", "-D", help="Detector; see `cxrtool detectors`.")] = "autoencoder",
     option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE detector option (repeatable), e.g. latent=16, epochs=40, backbone=random:resnet18.")] = None,
     backbone_checkpoint: Annotated[Optional[Path], typer.Option(help="Feature detectors: a classifier checkpoint (uses abnormal labels!) or an autoencoder anomaly checkpoint as the backbone.")] = None,
-    normal_class: Annotated[Optional[str], typer.Option(help="Which class is normal [default: a class named normal / no finding / healthy].")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Which split of --data to train on [default: train, else all].")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input size in pixels [default: the backbone checkpoint's, else 128].")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="letterbox | crop | stretch [default: letterbox].")] = None,
-    equalize: Annotated[Optional[str], typer.Option(help="none | hist | clahe [default: none].")] = None,
+    normal_class: Annotated[Optional[str], typer.Option(help="Which class is normal (default: a class named normal / no finding / healthy).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Which split of --data to train on (default: train, else all).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the backbone checkpoint's, else 128).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="letterbox | crop | stretch (default: letterbox).")] = None,
+    equalize: Annotated[Optional[str], typer.Option(help="none | hist | clahe (default: none).")] = None,
     threshold_fraction: Annotated[float, typer.Option(help="Share of normal patients held out to set the threshold (never used to fit).")] = 0.2,
     target_specificity: Annotated[float, typer.Option(help="Share of held-out normal images that must score below the threshold.")] = 0.95,
     batch_size: Annotated[int, typer.Option(help="Images per batch for feature extraction and scoring.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (splits, initialisation, sampling).")] = 0,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch [default: torch's choice].")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     strict: StrictOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder [default: runs/<time>-anomaly-<detector>].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/<time>-anomaly-<detector>).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name under runs/.")] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -147,8 +147,8 @@ def score(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     checkpoint: AnomalyCheckpointOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a CSV (path, score, decision, normal percentile, heatmap).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the score [default: the checkpoint's].")] = None,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for heatmap overlay PNGs [default: <run>/heatmaps].")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the score (default: the checkpoint's).")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for heatmap overlay PNGs (default: <run>/heatmaps).")] = None,
     no_heatmaps: Annotated[bool, typer.Option("--no-heatmaps", help="Do not write overlays.")] = False,
     batch_size: BatchOpt = 32,
     threads: ThreadsOpt = None,
@@ -239,13 +239,13 @@ def _lesions_by_path(data: Path) -> dict[str, list] | None:
 def evaluate(
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled images: folder per class, CSV manifest or .npz.")],
     checkpoint: AnomalyCheckpointOpt = None,
-    split: Annotated[Optional[str], typer.Option(help="Which split of --data [default: test, else val, else all].")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Which split of --data (default: test, else val, else all).")] = None,
     labels: Annotated[str, typer.Option(help="folder | kermany-subtype | column:NAME (per-class AUROC for each abnormal class).")] = "folder",
-    normal_class: Annotated[Optional[str], typer.Option(help="The normal class [default: the checkpoint's, else one named normal].")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold [default: the checkpoint's].")] = None,
+    normal_class: Annotated[Optional[str], typer.Option(help="The normal class (default: the checkpoint's, else one named normal).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold (default: the checkpoint's).")] = None,
     examples: Annotated[int, typer.Option(help="Overlays of the N highest-scoring abnormal and normal and the N lowest-scoring abnormal images.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled-label control.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, scores.csv, histogram.png, roc.png, examples/ [default: <run>/eval-<data>-<split>].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, scores.csv, histogram.png, roc.png, examples/ (default: <run>/eval-<data>-<split>).")] = None,
     batch_size: BatchOpt = 32,
     threads: ThreadsOpt = None,
     strict: StrictOpt = False,

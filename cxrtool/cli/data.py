@@ -82,7 +82,7 @@ def split(
 @data_app.command("fetch")
 def fetch_cmd(
     name: Annotated[Optional[str], typer.Argument(help="Dataset name; omit to list them.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder [default: ~/.cache/cxrtool/data or $CXRTOOL_DATA_DIR].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder (default: ~/.cache/cxrtool/data or $CXRTOOL_DATA_DIR).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Download a public dataset archive (MedMNIST) with MD5 verification into a cache."""

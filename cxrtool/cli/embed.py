@@ -24,15 +24,15 @@ embed_app = typer.Typer(
 DataOpt = Annotated[Path, typer.Option(
     "--data", "-d", help="Images (folder per class, CSV manifest, MedMNIST .npz) or an embeddings .npz from `embed extract`.")]
 LayerOpt = Annotated[Optional[str], typer.Option(
-    help="Layer whose output (average-pooled if spatial) is the embedding [default: the checkpoint's embedding layer].")]
+    help="Layer whose output (average-pooled if spatial) is the embedding (default: the checkpoint's embedding layer).")]
 LabelsOpt = Annotated[Optional[str], typer.Option(
-    help="Labels: folder, kermany-subtype or column:NAME [default: as in training; stored embeddings: as stored].")]
+    help="Labels: folder, kermany-subtype or column:NAME (default: as in training; stored embeddings: as stored).")]
 KOpt = Annotated[int, typer.Option("--k", "-k", help="Number of neighbours.")]
 MetricOpt = Annotated[str, typer.Option(help="Distance: cosine or euclidean.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
 StrictOpt = Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-OutDirOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder [default: next to the embeddings].")]
+OutDirOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: next to the embeddings).")]
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -177,8 +177,8 @@ def extract(
     checkpoint: CheckpointOpt = None,
     layer: LayerOpt = None,
     labels: LabelsOpt = None,
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to embed (repeatable) [default: all].")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="An .npz file, or a folder for embeddings.npz [default: <run>/embed-<data>/embeddings.npz].")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to embed (repeatable) (default: all).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="An .npz file, or a folder for embeddings.npz (default: <run>/embed-<data>/embeddings.npz).")] = None,
     batch_size: BatchOpt = 64,
     strict: StrictOpt = False,
     quiet: QuietOpt = False,
@@ -214,12 +214,12 @@ def extract(
 @embed_app.command()
 def knn(
     data: DataOpt,
-    query: Annotated[Optional[Path], typer.Option(help="A second set to score (images or embeddings .npz) [default: the test split of --data].")] = None,
+    query: Annotated[Optional[Path], typer.Option(help="A second set to score (images or embeddings .npz) (default: the test split of --data).")] = None,
     checkpoint: CheckpointOpt = None,
     layer: LayerOpt = None,
     labels: LabelsOpt = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split of --data to fit on [default: train if present, else all].")] = None,
-    query_split: Annotated[Optional[str], typer.Option(help="Split of the query set to score [default: test if present].")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split of --data to fit on (default: train if present, else all).")] = None,
+    query_split: Annotated[Optional[str], typer.Option(help="Split of the query set to score (default: test if present).")] = None,
     folds: Annotated[Optional[int], typer.Option(help="Cross-validate on the fit set with N folds grouped by patient (default when there is nothing to score: 5).")] = None,
     k: KOpt = 7,
     metric: MetricOpt = "cosine",
@@ -307,8 +307,8 @@ def project(
     checkpoint: CheckpointOpt = None,
     layer: LayerOpt = None,
     labels: LabelsOpt = None,
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to draw (repeatable) [default: all].")] = None,
-    query_split: Annotated[Optional[list[str]], typer.Option(help="Split(s) of --query to draw [default: all].")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to draw (repeatable) (default: all).")] = None,
+    query_split: Annotated[Optional[list[str]], typer.Option(help="Split(s) of --query to draw (default: all).")] = None,
     method: Annotated[str, typer.Option(help="Projection plugin (see `cxrtool embed projections`).")] = "tsne",
     perplexity: Annotated[Optional[float], typer.Option(help="t-SNE perplexity (must be smaller than the number of points).")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="Projection option KEY=VALUE (repeatable).")] = None,
@@ -427,7 +427,7 @@ def similar(
     checkpoint: CheckpointOpt = None,
     layer: LayerOpt = None,
     labels: LabelsOpt = None,
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to search (repeatable) [default: all].")] = None,
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) of --data to search (repeatable) (default: all).")] = None,
     k: KOpt = 8,
     metric: MetricOpt = "cosine",
     other_patients: Annotated[bool, typer.Option(help="Leave out images of the query's own patient (Kermany names / patient ids).")] = False,

@@ -10,8 +10,8 @@ import typer
 from cxrtool.cli._common import CheckpointOpt, JsonOpt, err_console, fmt, out_console, print_json, progress_bars
 
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Folder per class, CSV manifest or .npz with labels.")]
-SplitOpt = Annotated[Optional[str], typer.Option(help="Which split of --data [default: test, else val, else all].")]
-LabelsOpt = Annotated[Optional[str], typer.Option(help="How labels are read [default: as in training].")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="Which split of --data (default: test, else val, else all).")]
+LabelsOpt = Annotated[Optional[str], typer.Option(help="How labels are read (default: as in training).")]
 
 
 def _labelled(ckpt, data: Path, split: str | None, labels: str | None):
@@ -35,10 +35,10 @@ def evaluate(
     checkpoint: CheckpointOpt = None,
     split: SplitOpt = None,
     labels: LabelsOpt = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the abnormality score [default: the checkpoint's operating point, else argmax].")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the abnormality score (default: the checkpoint's operating point, else argmax).")] = None,
     tta: Annotated[int, typer.Option(help="Average the plain view with N augmented views.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, predictions.csv, confusion and ROC plots [default: <run>/eval-<data>].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, predictions.csv, confusion and ROC plots (default: <run>/eval-<data>).")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: JsonOpt = False,

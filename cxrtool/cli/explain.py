@@ -15,13 +15,13 @@ MethodOpt = Annotated[Optional[list[str]], typer.Option(
 OptionOpt = Annotated[Optional[list[str]], typer.Option(
     "--option", "-O", help="KEY=VALUE method option (repeatable); METHOD.KEY=VALUE for one method only.")]
 LayerOpt = Annotated[Optional[str], typer.Option(
-    "--layer", "-l", help="Layer for layer-based methods \\[default: the model's last explainable layer]; see `cxrtool layers`.")]
+    "--layer", "-l", help="Layer for layer-based methods \\(default: the model's last explainable layer); see `cxrtool layers`.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for the random parts (noise, random baselines, randomisation).")]
 MemoryOpt = Annotated[int, typer.Option(help="Memory budget (MiB) for one batch of perturbed inputs; batches shrink to fit.")]
 #: a contact sheet shows at most this many images (one row each)
 CONTACT_SHEET_ROWS = 48
 
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch \\[default: torch's choice].")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch \\(default: torch's choice).")]
 
 
 # -- shared helpers -----------------------------------------------------------------------------------------
@@ -148,10 +148,10 @@ def explain(
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files and/or folders (searched recursively).")] = None,
     method: MethodOpt = None,
     checkpoint: CheckpointOpt = None,
-    target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Class to explain \\[default: the predicted class]; synthesis methods take several.")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Class to explain \\(default: the predicted class); synthesis methods take several.")] = None,
     layer: LayerOpt = None,
     option: OptionOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder \\[default: <run>/explain].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder \\(default: <run>/explain).")] = None,
     scale: Annotated[str, typer.Option(help="image: each map scaled to its own max |value| | shared: one scale per method over all images.")] = "image",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Also score each map: deletion / insertion AUC vs a random map, model-randomisation rank correlation.")] = False,
     steps: Annotated[int, typer.Option(help="Points on the deletion / insertion curves (--evaluate).")] = 32,
@@ -306,7 +306,7 @@ def _explain_attribution(ckpt, ctx, paths, explainers, targets, out: Path, scale
     sheet_rows = []
     for i, p in enumerate(paths):
         pred, t = int(predicted[i]), int(tgt[i])
-        label = f"pred {names[pred]} {probs[i, pred]:.2f}"
+        label = f"pred {names[pred]} {probs[i, pred]:.2f}" + (f"; map for {names[t]}" if t != pred else "")
         entry = {"image": p, "original_shape": list(shapes[i]), "predicted": names[pred],
                  "probability": float(probs[i, pred]), "target": names[t], "target_probability": float(probs[i, t]),
                  "probabilities": {n: float(probs[i, k]) for k, n in enumerate(names)}, "outputs": {}}
@@ -426,9 +426,9 @@ def explainers(json_out: JsonOpt = False) -> None:
 
 # -- layers -----------------------------------------------------------------------------------------------------
 def layers(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint file or run folder \\[default: the latest run's best].")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint file or run folder \\(default: the latest run's best).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="List an architecture's layers instead of a checkpoint's.")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Input size for the output shapes \\[default: the checkpoint's, else 224].")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Input size for the output shapes \\(default: the checkpoint's, else 224).")] = None,
     all_layers: Annotated[bool, typer.Option("--all", help="Also list element-wise layers (BN, activations, dropout).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -498,16 +498,16 @@ def explain_eval(
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled images: folder per class, CSV manifest (with lesion_x/lesion_y/lesion_r columns for the pointing game) or .npz.")],
     method: MethodOpt = None,
     checkpoint: CheckpointOpt = None,
-    split: Annotated[Optional[str], typer.Option(help="Which split of --data \\[default: test, else val, else all].")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Which split of --data \\(default: test, else val, else all).")] = None,
     limit: Annotated[int, typer.Option(help="Evaluate on at most N images (a seeded random choice).")] = 30,
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Class to explain \\[default: each image's predicted class].")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Class to explain \\(default: each image's predicted class).")] = None,
     layer: LayerOpt = None,
     option: OptionOpt = None,
     steps: Annotated[int, typer.Option(help="Points on the deletion / insertion curves.")] = 32,
     randomise: Annotated[bool, typer.Option("--randomise/--no-randomise", help="Run the model-randomisation check (explains every image twice).")] = True,
     tolerance: Annotated[float, typer.Option(help="Pointing game: pixels of slack around a lesion disc.")] = 0.0,
     lesions_only: Annotated[bool, typer.Option(help="Only images with a known lesion (pointing game on all of them).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for explain-eval.json \\[default: <run>/explain-eval].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for explain-eval.json \\(default: <run>/explain-eval).")] = None,
     seed: SeedOpt = 0,
     memory_mb: MemoryOpt = 1024,
     threads: ThreadsOpt = None,

@@ -14,7 +14,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     checkpoint: CheckpointOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a CSV (path, label, per-class probabilities, threshold).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the abnormality score [default: the checkpoint's].")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the abnormality score (default: the checkpoint's).")] = None,
     tta: Annotated[int, typer.Option(help="Average the plain view with N augmented views (test-time augmentation).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,

@@ -15,8 +15,10 @@ Two engines give the same map (to float rounding, checked against captum in the 
     other operation makes the activations whole again ("densify") and runs as usual, so the result is
     exact for any traceable model; it is only fast when that happens late in the network.
 
-``engine=auto`` (default) uses the cone when the model traces, its traced output matches the model
-and a spot check of one window against a direct forward pass agrees; otherwise captum.
+``engine=auto`` (default) uses the cone when the model traces, its traced output matches the model, a
+spot check of one window against a direct forward pass agrees, its cache of clean activations fits the
+memory budget and its convolutions need at most ``MAX_WORK`` of the multiply-adds of full passes;
+otherwise captum. The manifest says which engine ran and why the cone stepped aside.
 
 Options are in pixels of the ORIGINAL image (converted with the preprocessing geometry): ``patch``
 (default: 1/8 of the shorter side), ``stride`` (default: half the patch), ``fill`` (``zero``: black,
@@ -604,6 +606,8 @@ class Occlusion(Explainer):
                 got = ConeOcclusion(model)
             except ConeUnsupported as exc:
                 got = str(exc)
+            while len(self._cone) >= 2:  # keep the last models only (randomised copies come and go)
+                self._cone.pop(next(iter(self._cone)))
             self._cone[id(model)] = (model, got)
         if isinstance(got, str):
             if self.engine == "cone":

@@ -25,7 +25,6 @@ Spearman's rho is computed with numpy only (average ranks for ties).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -40,27 +39,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 # -- rank correlation ------------------------------------------------------------------------------
-def rankdata(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of the flattened ``a``, ties getting their average rank (like scipy's default)."""
-    a = np.asarray(a).ravel()
-    sorter = np.argsort(a, kind="mergesort")
-    inv = np.empty(sorter.size, dtype=np.intp)
-    inv[sorter] = np.arange(sorter.size, dtype=np.intp)
-    arr = a[sorter]
-    obs = np.r_[True, arr[1:] != arr[:-1]]
-    dense = obs.cumsum()[inv]
-    count = np.r_[np.nonzero(obs)[0], len(obs)]
-    return 0.5 * (count[dense] + count[dense - 1] + 1)
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation of two maps (None when either is constant)."""
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
-    if den == 0:
+    """Spearman's rank correlation of two maps, ties averaged (None when either map is constant)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    return float((ra * rb).sum() / den)
+    return float(spearmanr(a, b).statistic)
 
 
 # -- deletion / insertion ------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ _NOT_A_NUMBER = "not-a-number"
 
 __all__ = [
     "KINDS",
+    "run_cli",
     "check",
     "check_all_registered",
     "check_augmentation",
@@ -1010,3 +1011,19 @@ def check_all_registered(plugin: str | None = None, *, kwargs: dict[str, dict[st
     _ensure(not failures, f"{len(failures)} conformance failure(s):\n" + "\n".join(failures))
     return results
 
+
+def run_cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
+    """Run ``cxrtool ARGS...`` in this process; return (exit code, stdout, stderr).
+
+    ``capsys`` is pytest's fixture; arguments may be paths or numbers (they are passed as strings).
+    A domain error gives exit code 1 or 2 and one ``error: ...`` line on stderr, as on a terminal.
+    """
+    from cxrtool.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -26,6 +26,7 @@ from cxrtool.cli import main
 from cxrtool.errors import CheckpointError, DataError, UsageError
 from cxrtool.imaging import Preprocessing
 from cxrtool.synthetic import make_arrays, to_uint8, write_dataset
+from cxrtool.testing import run_cli
 
 SIZE = 48
 #: a fast autoencoder for the CLI tests (the defaults train longer)
@@ -36,14 +37,7 @@ PHANTOM_SIZE = 64
 AE_PHANTOM = {"epochs": 15, "score": "ssim", "standardize": True, "reduce": "max"}
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,18 +9,12 @@ import pytest
 
 from cxrtool.cli import main
 from cxrtool.synthetic import write_dataset
+from cxrtool.testing import run_cli
 
 FAST = ["--size", "32", "--epochs", "2", "--batch-size", "16", "--quiet", "--threads", "1"]
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from cxrtool.cli import main
 from cxrtool.embed import Embeddings, build_projection, knn_cross_validate, knn_score, nearest, relabel
 from cxrtool.errors import DataError, UsageError
 from cxrtool.synthetic import write_dataset
+from cxrtool.testing import run_cli
 
-
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 def one_line_error(err: str) -> str:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from cxrtool import registry
-from cxrtool.cli import main
 from cxrtool.errors import UsageError
 from cxrtool.explain import ExplainContext, build_explainer, explainable_layers, reference
 from cxrtool.imaging import Preprocessing
+from cxrtool.testing import run_cli
 from cxrtool_builtin.explainers.occlusion import ConeOcclusion, ConeUnsupported, Occlusion, accumulate, window_grid
 
 
@@ -31,14 +31,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 def ctx_for(model, size, classes=("a", "b"), **kw) -> ExplainContext:

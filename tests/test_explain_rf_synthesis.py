@@ -19,6 +19,7 @@ from cxrtool.data import ImageSet
 from cxrtool.errors import UsageError
 from cxrtool.explain import ExplainContext
 from cxrtool.imaging import Preprocessing
+from cxrtool.testing import run_cli
 from cxrtool_builtin.explainers import input_synthesis, receptive_fields
 from cxrtool_builtin.explainers.receptive_fields import (
     all_receptive_fields,
@@ -327,16 +328,7 @@ def test_specs_register_without_importing_torch():
 
 
 # -- through the command line -----------------------------------------------------------------------
-def _run(capsys, *args):
-    from cxrtool.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 from cxrtool import registry
 from cxrtool.plugins import PluginWarning, get_manager, reset_manager
+from cxrtool.testing import run_cli
 
 ENV_VARS = ("CXRTOOL_LOAD_PLUGINS", "CXRTOOL_DISABLE_PLUGINS", "CXRTOOL_PLUGINS_DIR")
 
@@ -144,16 +145,7 @@ def good_dir(tmp_path):
     return _write(tmp_path / "good", {"good_tool": GOOD})
 
 
-def _cli(capsys, *args):
-    from cxrtool.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 def _subprocess_cli(env_extra: dict[str, str], *argv: str) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import pytest
 from cxrtool import registry, testing
 from cxrtool.errors import UsageError
 from cxrtool.plugins import get_manager
+from cxrtool.testing import run_cli
 
 PLUGIN = "example"  # the entry-point name in pyproject.toml
 
@@ -138,16 +139,7 @@ def test_gradcam_plus_plus_errors_are_usage_errors():
 
 
 # -- end to end: the command line with the plugin installed ---------------------------------------------
-def _cli(capsys, *args):
-    from cxrtool.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
 @pytest.mark.slow

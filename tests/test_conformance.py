@@ -19,6 +19,7 @@ BUILTIN = {"models", "augmentations", "explainers", "detectors", "projections", 
 #: small options keeping the detectors fast (they are fitted three times each)
 DETECTOR_OPTIONS = {
     "autoencoder": {"epochs": 1, "depth": 2, "width": 4, "latent": 4, "batch_size": 8},
+    "denoising": {"epochs": 1, "depth": 2, "width": 4, "batch_size": 8},
     "padim": {"backbone": "random:compact", "max_grid": 8, "dims": 8, "batch_size": 8},
     "patchcore": {"backbone": "random:compact", "max_grid": 8, "bank": 64, "max_patches": 2000, "proj_dims": 16,
                   "batch_size": 8},

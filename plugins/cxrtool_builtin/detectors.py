@@ -34,8 +34,19 @@ def specs() -> list[DetectorSpec]:
                         "error (mse or ssim), heatmap = per-pixel error",
             options={"latent": 16, "depth": 4, "width": 16, "epochs": 40, "lr": 2e-3, "batch_size": 32,
                      "weight_decay": 1e-5, "loss": "mse", "score": "ssim", "reduce": "top10", "sigma": 2.0,
-                     "standardize": False, "noise": 0.0},
+                     "standardize": False, "noise": 0.0, "noise_grid": 8},
             reference="seed report plan; AE baselines in BMAD (Bao et al. 2024) and MedIAnomaly (Cai et al. 2024)",
+        ),
+        DetectorSpec(
+            name="denoising",
+            build=lazy_detector("denoising", "DenoisingDetector"),
+            description="Denoising U-Net trained to remove coarse noise from normal CXRs; blob-like "
+                        "abnormalities are removed too: score = reconstruction error (ssim or mse), heatmap = per-pixel error",
+            options={"depth": 3, "width": 16, "epochs": 20, "lr": 5e-3, "batch_size": 8, "weight_decay": 1e-5,
+                     "loss": "mse", "score": "ssim", "reduce": "mean", "sigma": 1.0, "standardize": False,
+                     "noise": 0.2, "noise_grid": 16},
+            reference="Kascenas et al. 2022, Denoising Autoencoders for Unsupervised Anomaly Detection in Brain MRI "
+                      "(MIDL); MedIAnomaly (Cai et al. 2024)",
         ),
         DetectorSpec(
             name="padim",

@@ -90,11 +90,13 @@ class AutoencoderDetector(Detector):
     holdout = 0.15  # share of the fit images kept aside for the per-pixel error statistics (standardize)
 
     def __init__(self, latent=16, depth=4, width=16, epochs=40, lr=2e-3, batch_size=32, weight_decay=1e-5,
-                 loss="mse", score="ssim", reduce="top10", sigma=2.0, standardize=False, noise=0.0) -> None:
+                 loss="mse", score="ssim", reduce="top10", sigma=2.0, standardize=False, noise=0.0,
+                 noise_grid=8) -> None:
         super().__init__(latent=latent, depth=depth, width=width, epochs=epochs, lr=lr, batch_size=batch_size,
                          weight_decay=weight_decay, loss=loss, score=score, reduce=reduce, sigma=sigma,
-                         standardize=standardize, noise=noise)
+                         standardize=standardize, noise=noise, noise_grid=noise_grid)
         self.noise = float_opt("noise", noise, -1e-12)
+        self.noise_grid = int_opt("noise_grid", noise_grid, 1)
         self.standardize = _bool_opt("standardize", standardize)
         self.latent = int_opt("latent", latent, 0)
         self.depth = int_opt("depth", depth, 1)
@@ -107,7 +109,7 @@ class AutoencoderDetector(Detector):
         self.score_kind = choice_opt("score", score, SCORES)
         self.reduce = check_reduce(reduce)
         self.sigma = float_opt("sigma", sigma, -1e-12)  # blur in pixels at 64 px; scales with the size
-        self.model: ConvAE | None = None
+        self.model: nn.Module | None = None
         self.pixel_mean: torch.Tensor | None = None  # per-pixel error statistics of held-out normals
         self.pixel_std: torch.Tensor | None = None
 
@@ -125,12 +127,19 @@ class AutoencoderDetector(Detector):
     def _sigma_px(self, size: int) -> float:
         return self.sigma * size / 64.0
 
+    def build_model(self, size: int) -> nn.Module:
+        return ConvAE(size, self.depth, self.width, self.latent)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in [0, 1] of images in [0, 1] (N, 1, H, W)."""
+        return self.model(self._inputs(x01))
+
     def reconstruct(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, reconstructions) in [0, 1], both (N, 1, H, W)."""
         x = to_unit(images)
         self.model.eval()
         with torch.inference_mode():
-            return x, self.model(self._inputs(x))
+            return x, self.forward(x)
 
     def _loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         loss = torch.mean((recon - x) ** 2)
@@ -147,7 +156,7 @@ class AutoencoderDetector(Detector):
             k = max(2, int(round(self.holdout * len(images))))
             held, images = images[np.sort(order[:k])], images[np.sort(order[k:])]
         size = images.shape[-1]
-        self.model = ConvAE(size, self.depth, self.width, self.latent)
+        self.model = self.build_model(size)
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps = self.epochs * int(np.ceil(len(images) / self.batch_size))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=max(1, steps), pct_start=0.1)
@@ -167,11 +176,11 @@ class AutoencoderDetector(Detector):
                 x = to_unit(images[idx])
                 inp = x
                 if self.noise > 0:  # denoising: coarse noise in, the clean image out (Kascenas et al. 2022)
-                    g = max(2, x.shape[-1] // 8)
+                    g = self.noise_grid
                     coarse = torch.randn(len(x), 1, g, g, generator=gen) * self.noise
                     inp = x + torch.nn.functional.interpolate(coarse, size=x.shape[-2:], mode="bilinear",
                                                               align_corners=False)
-                loss = self._loss(self.model(self._inputs(inp)), x)
+                loss = self._loss(self.forward(inp), x)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"autoencoder loss became {loss.item()} at epoch {epoch}; try a lower lr")
                 opt.zero_grad(set_to_none=True)
@@ -221,7 +230,7 @@ class AutoencoderDetector(Detector):
 
     def load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
         size = int(extra.get("size") or self.preprocessing.size)
-        self.model = ConvAE(size, self.depth, self.width, self.latent)
+        self.model = self.build_model(size)
         self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
         self.model.eval()
         if self.standardize:

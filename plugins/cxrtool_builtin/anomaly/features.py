@@ -104,8 +104,10 @@ class Backbone:
 
             loaded = load_detector(path)
             model = getattr(loaded.detector, "model", None)
-            if loaded.meta["detector"]["name"] != "autoencoder" or model is None:
-                raise CheckpointError(f"{path}: only an autoencoder anomaly checkpoint can serve as a backbone")
+            name = loaded.meta["detector"]["name"]
+            if name != "autoencoder" or model is None:
+                raise CheckpointError(f"{path} is a {name!r} anomaly checkpoint; of the anomaly detectors only an "
+                                      "'autoencoder' checkpoint can serve as a backbone")
             expl = [f"encoder.{i}" for i in range(model.depth)]
             pp = loaded.preprocessing
             info = {"kind": "autoencoder", "model": "autoencoder", "options": loaded.meta["detector"]["options"],

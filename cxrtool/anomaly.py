@@ -752,32 +752,35 @@ def plot_score_histogram(path: str | os.PathLike, normal: np.ndarray, abnormal: 
 
 def overlay_image(image: np.ndarray, heatmap: np.ndarray, scale: tuple[float, float] | list[float],
                   caption: str | None = None, min_side: int = 256):
-    """PIL RGB panel: the model input (left) and the heatmap over it (right).
+    """PIL RGB panel: the image (left) and the heatmap over it (right); any (H, W), NaN = no map.
 
     Colour starts at ``scale[0]`` (transparent below: the normal slice's 90th percentile) and is full
     at ``scale[1]`` (the normal slice's 99.9th percentile) or at this image's own maximum when that is
     higher, so a very abnormal image still shows where it is most abnormal instead of one flat blob."""
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    lo, hi = float(scale[0]), max(float(scale[1]), float(np.max(heatmap)))
-    t = np.clip((np.asarray(heatmap, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    grey = np.asarray(image, dtype=np.float32)[..., None].repeat(3, axis=2) / 255.0
-    colour = colormaps["inferno"](t)[..., :3]
-    alpha = (0.15 + 0.7 * t)[..., None] * (t[..., None] > 0.02)
-    blend = grey * (1 - alpha) + colour * alpha
-    left = Image.fromarray(np.clip(grey * 255, 0, 255).astype(np.uint8))
-    right = Image.fromarray(np.clip(blend * 255, 0, 255).astype(np.uint8))
-    k = max(1, math.ceil(min_side / image.shape[0]))
-    side = image.shape[0] * k
-    left = left.resize((side, side), Image.Resampling.BILINEAR)
-    right = right.resize((side, side), Image.Resampling.BILINEAR)
-    bar_h = 22 if caption else 0
-    panel = Image.new("RGB", (2 * side + 4, side + bar_h), (255, 255, 255))
+    heatmap = np.asarray(heatmap, np.float32)
+    lo, hi = float(scale[0]), max(float(scale[1]), float(np.nanmax(heatmap)))
+    t = np.nan_to_num(np.clip((heatmap - lo) / max(hi - lo, 1e-12), 0.0, 1.0), nan=0.0)
+    grey = np.asarray(image, dtype=np.uint8)
+    colour = colormaps["inferno"](np.rint(t * 255).astype(np.uint8), bytes=True)[..., :3]  # 256-entry lookup
+    alpha = ((0.15 + 0.7 * t) * (t > 0.02))[..., None]
+    blend = grey[..., None] * (1 - alpha) + colour * alpha
+    left = Image.fromarray(grey).convert("RGB")
+    right = Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8))
+    h, w = image.shape
+    k = max(1, math.ceil(min_side / max(h, w)))
+    left = left.resize((w * k, h * k), Image.Resampling.BILINEAR)
+    right = right.resize((w * k, h * k), Image.Resampling.BILINEAR)
+    font_px = max(11, round(w * k / 40))  # legible on a 2 x 256 px panel and on a 2 x 1024 px one
+    bar_h = round(font_px * 1.6) if caption else 0
+    panel = Image.new("RGB", (2 * w * k + 4, h * k + bar_h), (255, 255, 255))
     panel.paste(left, (0, bar_h))
-    panel.paste(right, (side + 4, bar_h))
+    panel.paste(right, (w * k + 4, bar_h))
     if caption:
-        ImageDraw.Draw(panel).text((4, 4), caption, fill=(0, 0, 0))
+        font = ImageFont.load_default(size=font_px)
+        ImageDraw.Draw(panel).text((4, round(font_px * 0.3)), caption, fill=(0, 0, 0), font=font)
     return panel
 
 

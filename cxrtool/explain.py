@@ -389,7 +389,7 @@ def _overlay_rgba(amap: np.ndarray, vmin: float, vmax: float, signed: bool):
     norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
     rgba = cmap(norm(amap))
     strength = np.abs(amap) / max(abs(vmin), abs(vmax), 1e-12) if signed else (amap - vmin) / max(vmax - vmin, 1e-12)
-    rgba[..., 3] = 0.7 * np.clip(strength, 0.0, 1.0) ** 0.75
+    rgba[..., 3] = 0.7 * np.nan_to_num(np.clip(strength, 0.0, 1.0), nan=0.0) ** 0.75  # NaN: no map there
     return rgba, cmap, norm
 
 
@@ -399,8 +399,8 @@ def _short(name: str, n: int = 38) -> str:
 
 def render_overlay(path: str | Path, image: np.ndarray, amap: np.ndarray, *, title: str, subtitle: str,
                    vmin: float, vmax: float, signed: bool, unit: str, scale_note: str) -> Path:
-    """The X-ray (model input, grey) with the map on top, a colour bar labelled with ``unit`` and how it
-    is scaled; written atomically."""
+    """The X-ray (grey; the original or the model input) with the map of the same shape on top, a colour
+    bar labelled with ``unit`` and how it is scaled; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -121,6 +121,62 @@ def geometry(shape: tuple[int, int], pp: Preprocessing) -> dict[str, float]:
     return {"scale_x": nw / w, "scale_y": nh / h, "offset_x": (s - nw) // 2, "offset_y": (s - nh) // 2}
 
 
+def map_to_original(amap: np.ndarray, shape: tuple[int, int], pp: Preprocessing) -> np.ndarray:
+    """A (size, size) map over the model input -> float32 ``shape`` (H, W) over the original image.
+
+    Inverts the resize of :func:`preprocess`: the letterbox padding is dropped, a stretch undone, and
+    with ``crop`` the parts of the original the model never saw are NaN. ``shape`` may be a reduced
+    copy of the original (same aspect ratio), e.g. a display-sized one."""
+    amap = np.asarray(amap, dtype=np.float32)
+    h, w = shape
+    s = pp.size
+    if amap.shape != (s, s):
+        raise UsageError(f"map of shape {amap.shape} is not over a {s}x{s} model input")
+    g = geometry((h, w), pp)
+    nw, nh = max(1, round(w * g["scale_x"])), max(1, round(h * g["scale_y"]))
+    ox, oy = int(g["offset_x"]), int(g["offset_y"])
+    if pp.resize != "crop":  # the original fills [oy:oy+nh, ox:ox+nw] of the input
+        return _resize(np.ascontiguousarray(amap[oy : oy + nh, ox : ox + nw]), w, h)
+    # crop: the input is the window [-oy:-oy+s, -ox:-ox+s] of the original resized to (nh, nw)
+    x0, y0 = round(-ox / g["scale_x"]), round(-oy / g["scale_y"])
+    cw, ch = min(w - x0, round(s / g["scale_x"])), min(h - y0, round(s / g["scale_y"]))
+    out = np.full((h, w), np.nan, dtype=np.float32)
+    out[y0 : y0 + ch, x0 : x0 + cw] = _resize(amap, cw, ch)
+    return out
+
+
+def display_image(path: str | Path, max_side: int = 1024) -> np.ndarray:
+    """The original image for overlays: uint8 (H, W), downscaled so its longer side is <= ``max_side``."""
+    img = read_image(path, max_size=max_side)
+    h, w = img.shape
+    if max(h, w) > max_side:
+        k = max_side / max(h, w)
+        img = _resize(img, max(1, round(w * k)), max(1, round(h * k)))
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+OVERLAY_ON = ("original", "input")
+
+
+def overlay_base(path: str | Path, image: np.ndarray, amap: np.ndarray, pp: Preprocessing,
+                 on: str = "original") -> tuple[np.ndarray, np.ndarray, str]:
+    """What an overlay is drawn on: ``(image, map, where)``.
+
+    ``on="original"``: the original file (display-sized, :func:`display_image`) and the map taken back
+    onto it (:func:`map_to_original`); ``"input"``, in-memory sources (``npz://``) and files that can no
+    longer be read: the model input ``image`` and ``amap`` as they are."""
+    if on not in OVERLAY_ON:
+        raise UsageError(f"overlays are drawn on {' or '.join(OVERLAY_ON)}, not {on!r}")
+    if on == "original" and not str(path).startswith("npz://"):
+        try:
+            orig = display_image(path)
+        except ImageReadError:  # read once already; the file changed since: draw what the model saw
+            pass
+        else:
+            return orig, map_to_original(amap, orig.shape, pp), "original"
+    return image, amap, "input"
+
+
 def preprocess(img: np.ndarray, pp: Preprocessing) -> np.ndarray:
     """float (H, W) in [0, 1] -> uint8 (size, size) following the contract (steps 2-4)."""
     s = pp.size

@@ -345,6 +345,28 @@ def test_score_json_csv_and_overlays(trained_run, phantom_dirs, tmp_path, capsys
     assert all(",abnormal," in line for line in lines[1:])  # threshold 0: everything is abnormal
 
 
+def test_score_overlays_follow_the_original_image(trained_run, phantom_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    src = np.asarray(Image.open(next((phantom_dirs / "test" / "LESION").glob("*.png"))))
+    wide = tmp_path / "in" / "wide.png"
+    wide.parent.mkdir()
+    Image.fromarray(np.repeat(src, 3, axis=1)[:, :120]).save(wide)  # 48 x 120: letterboxed into 48 x 48
+    sizes = {}
+    for where in ("original", "input"):
+        code, out, err = run(capsys, "anomaly", "score", wide, "--checkpoint", trained_run, "--json",
+                             "--heatmaps", tmp_path / where, "--overlay-on", where)
+        assert code == 0, err
+        with Image.open(json.loads(out)["scores"][0]["heatmap"]) as im:
+            sizes[where] = im.size
+    # two panels side by side (+4 px gap) and a caption bar: the original's 120:48 shape, or the input's square
+    (w_o, h_o), (w_i, h_i) = sizes["original"], sizes["input"]
+    assert abs((w_o - 4) / 2 / (h_o - 18) - 120 / 48) < 0.35, sizes
+    assert abs((w_i - 4) / 2 / (h_i - 18) - 1.0) < 0.15, sizes
+    code, _, err = run(capsys, "anomaly", "score", wide, "--checkpoint", trained_run, "--overlay-on", "nope")
+    assert code == 2 and "--overlay-on must be original or input" in err
+
+
 def test_evaluate_reports_auroc_histogram_and_pointing_game(trained_run, phantom_dirs, tmp_path, capsys):
     code, out, err = run(capsys, "anomaly", "evaluate", "--data", phantom_dirs / "test" / "labels.csv",
                          "--checkpoint", trained_run, "--json", "--quiet", "--out", tmp_path / "ev", "--examples", "2")

@@ -403,6 +403,23 @@ def test_explain_writes_overlays_maps_manifests_and_a_contact_sheet(ckpt, phanto
     assert not list(out.glob(".*part*"))
 
 
+def test_overlays_are_drawn_on_the_original_image_unless_asked_otherwise(ckpt, phantoms, capsys, tmp_path):
+    from PIL import Image
+
+    src = np.asarray(Image.open(sorted((phantoms / "LESION").glob("*.png"))[0]))
+    tall = tmp_path / "tall.png"
+    Image.fromarray(np.repeat(src, 2, axis=0)[:, 5:35]).save(tall)  # 80 x 30: letterboxed into 32 x 32
+    for where, shape in (("original", [80, 30]), ("input", [32, 32])):
+        code, stdout, err = run(capsys, "explain", tall, "-c", ckpt, "-m", "grad-cam", "-o", tmp_path / where, "-q",
+                                "--overlay-on", where)
+        assert code == 0, err
+        man = json.loads((tmp_path / where / "tall.grad-cam.json").read_text())
+        assert man["overlay"]["drawn_on"] == where and man["overlay"]["shape"] == shape
+        assert man["map"]["shape"] == [32, 32]  # the .npy map stays at model-input resolution
+    code, _, err = run(capsys, "explain", tall, "-c", ckpt, "-m", "grad-cam", "--overlay-on", "both")
+    assert code == 2 and "--overlay-on must be original or input" in err
+
+
 def test_explain_target_layer_evaluate_and_table(ckpt, phantoms, capsys, tmp_path):
     image = sorted((phantoms / "NORMAL").glob("*.png"))[0]
     code, stdout, err = run(capsys, "explain", image, "-c", ckpt, "-m", "grad-cam", "--target", "lesion",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cxrtool.errors import UsageError
-from cxrtool.imaging import Preprocessing, geometry, preprocess, to_tensor
+from cxrtool.imaging import Preprocessing, display_image, geometry, map_to_original, preprocess, to_tensor
 
 
 def test_letterbox_keeps_aspect_and_pads_black():
@@ -55,3 +55,51 @@ def test_invalid_preprocessing(kw):
 def test_roundtrip_dict():
     pp = Preprocessing(size=96, resize="crop", equalize="clahe")
     assert Preprocessing.from_dict(pp.to_dict()) == pp
+
+
+def _ramp(h: int, w: int) -> np.ndarray:
+    """A smooth image whose every position is distinguishable: value = f(row, col)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return (0.2 + 0.5 * xx / w + 0.3 * yy / h).astype(np.float32)
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "stretch", "crop"])
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (256, 256)])
+def test_map_to_original_inverts_the_resize(resize, shape):
+    """A map that *is* the preprocessed image, mapped back, is the original image again."""
+    pp = Preprocessing(size=64, resize=resize)
+    img = _ramp(*shape)
+    back = map_to_original(preprocess(img, pp).astype(np.float32) / 255.0, shape, pp)
+    assert back.shape == shape
+    seen = np.isfinite(back)
+    if resize == "crop":  # only the central square of the longer side was seen
+        short = min(shape)
+        assert abs(seen.sum() - short * short) <= 2 * short + 4
+        assert seen[shape[0] // 2, shape[1] // 2] and (shape[0] == shape[1] or not seen.all())
+    else:
+        assert seen.all()
+    err = np.abs(back[seen] - img[seen])
+    assert np.median(err) < 0.01 and np.quantile(err, 0.99) < 0.05  # bilinear resampling twice, 8 bits
+    with pytest.raises(UsageError):
+        map_to_original(np.zeros((32, 32)), shape, pp)
+
+
+def test_map_to_original_puts_a_hot_spot_where_it_was_in_the_original():
+    pp = Preprocessing(size=64)  # letterbox: a 400 x 200 portrait image is padded left and right
+    amap = np.zeros((64, 64), np.float32)
+    g = geometry((400, 200), pp)
+    # the input pixel of original (row 300, col 50)
+    r, c = round(300 * g["scale_y"] + g["offset_y"]), round(50 * g["scale_x"] + g["offset_x"])
+    amap[r, c] = 1.0
+    back = map_to_original(amap, (400, 200), pp)
+    pr, pc = np.unravel_index(np.argmax(back), back.shape)
+    assert abs(pr - 300) <= 400 / 64 and abs(pc - 50) <= 200 / 32
+
+
+def test_display_image_downscales_keeping_aspect(tmp_path):
+    from PIL import Image
+
+    Image.fromarray((_ramp(900, 600) * 255).astype(np.uint8)).save(tmp_path / "big.png")
+    out = display_image(tmp_path / "big.png", max_side=300)
+    assert out.dtype == np.uint8 and out.shape == (300, 200)
+    assert display_image(tmp_path / "big.png", max_side=2000).shape == (900, 600)

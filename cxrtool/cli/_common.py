@@ -84,3 +84,14 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+OverlayOnOpt = Annotated[str, typer.Option("--overlay-on", help="original: overlays drawn on the original image (the map taken back through the resize) | input: on the model input.")]
+
+
+def check_overlay_on(value: str) -> None:
+    from cxrtool.errors import UsageError
+    from cxrtool.imaging import OVERLAY_ON
+
+    if value not in OVERLAY_ON:
+        raise UsageError(f"--overlay-on must be {' or '.join(OVERLAY_ON)}, got {value!r}")

@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrtool.cli._common import JsonOpt, err_console, fmt, out_console, print_json, progress_bars
+from cxrtool.cli._common import (
+    JsonOpt,
+    OverlayOnOpt,
+    check_overlay_on,
+    err_console,
+    fmt,
+    out_console,
+    print_json,
+    progress_bars,
+)
 
 anomaly_app = typer.Typer(
     help="Anomaly detectors trained on normal images only: train, score images, evaluate on labelled data.",
@@ -150,6 +159,7 @@ def score(
     threshold: Annotated[Optional[float], typer.Option(help="Decision threshold on the score (default: the checkpoint's).")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for heatmap overlay PNGs (default: <run>/heatmaps).")] = None,
     no_heatmaps: Annotated[bool, typer.Option("--no-heatmaps", help="Do not write overlays.")] = False,
+    overlay_on: OverlayOnOpt = "original",
     batch_size: BatchOpt = 32,
     threads: ThreadsOpt = None,
     strict: StrictOpt = False,
@@ -161,7 +171,9 @@ def score(
 
     from cxrtool.anomaly import load_detector, score_set, write_overlay
     from cxrtool.data import ImageSet, gather_images
+    from cxrtool.imaging import overlay_base
 
+    check_overlay_on(overlay_on)
     _threads(threads)
     loaded = load_detector(checkpoint)
     paths = gather_images(images)
@@ -178,7 +190,8 @@ def score(
         for k, i in enumerate(idx):
             decision = "ABNORMAL" if sc[k] >= thr else "normal"
             target = hm_dir / _unique_name(Path(paths[i]).stem, used)
-            write_overlay(target, arr[k], hm[k], scale, caption=f"{Path(paths[i]).name}  score {sc[k]:.4g} "
+            image, heat, _ = overlay_base(paths[i], arr[k], hm[k], loaded.preprocessing, overlay_on)
+            write_overlay(target, image, heat, scale, caption=f"{Path(paths[i]).name}  score {sc[k]:.4g} "
                           f"(threshold {thr:.4g}): {decision}")
             written[i] = str(target)
 
@@ -244,6 +257,7 @@ def evaluate(
     normal_class: Annotated[Optional[str], typer.Option(help="The normal class (default: the checkpoint's, else one named normal).")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Decision threshold (default: the checkpoint's).")] = None,
     examples: Annotated[int, typer.Option(help="Overlays of the N highest-scoring abnormal and normal and the N lowest-scoring abnormal images.")] = 3,
+    overlay_on: OverlayOnOpt = "original",
     seed: Annotated[int, typer.Option(help="Seed of the shuffled-label control.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json, scores.csv, histogram.png, roc.png, examples/ (default: <run>/eval-<data>-<split>).")] = None,
     batch_size: BatchOpt = 32,
@@ -268,9 +282,11 @@ def evaluate(
     )
     from cxrtool.data import iter_batches, load_splits
     from cxrtool.errors import DataError
+    from cxrtool.imaging import overlay_base
     from cxrtool.infer import pick_split
     from cxrtool.io import write_csv, write_json
 
+    check_overlay_on(overlay_on)
     _threads(threads)
     loaded = load_detector(checkpoint)
     split_name, ds = pick_split(load_splits(data, labels=labels), split)
@@ -348,7 +364,8 @@ def evaluate(
             for j, i in enumerate(idx):
                 tag, k, s = picks[i]
                 target = out / "examples" / f"{tag}-{len(example_files) + 1:02d}-{Path(sub.paths[i]).stem}.png"
-                write_overlay(target, arr[j], hm[j], scale,
+                image, heat, _ = overlay_base(sub.paths[i], arr[j], hm[j], loaded.preprocessing, overlay_on)
+                write_overlay(target, image, heat, scale,
                               caption=f"{ds.class_names[y[k]]}  score {s:.4g} (threshold {thr:.4g})")
                 example_files.append(str(target))
     result["outputs"] = {"metrics": str(out / "metrics.json"), "scores": str(out / "scores.csv"),

@@ -8,7 +8,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cxrtool.cli._common import CheckpointOpt, JsonOpt, fmt, out_console, print_json, progress_bars
+from cxrtool.cli._common import (
+    CheckpointOpt,
+    JsonOpt,
+    OverlayOnOpt,
+    check_overlay_on,
+    fmt,
+    out_console,
+    print_json,
+    progress_bars,
+)
 
 MethodOpt = Annotated[Optional[list[str]], typer.Option(
     "--method", "-m", help="Explainer(s), repeatable or comma-separated; see `cxrtool explainers`.")]
@@ -153,6 +162,7 @@ def explain(
     option: OptionOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder \\(default: <run>/explain).")] = None,
     scale: Annotated[str, typer.Option(help="image: each map scaled to its own max |value| | shared: one scale per method over all images.")] = "image",
+    overlay_on: OverlayOnOpt = "original",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Also score each map: deletion / insertion AUC vs a random map, model-randomisation rank correlation.")] = False,
     steps: Annotated[int, typer.Option(help="Points on the deletion / insertion curves (--evaluate).")] = 32,
     seed: SeedOpt = 0,
@@ -177,6 +187,7 @@ def explain(
         raise UsageError(f"--scale must be image or shared, got {scale!r}")
     if steps < 2:
         raise UsageError("--steps must be at least 2")
+    check_overlay_on(overlay_on)
     _threads(threads)
     methods = _methods(method)
     opts = _options(methods, option)
@@ -205,7 +216,7 @@ def explain(
 
     if attribution:
         result.update(_explain_attribution(ckpt, ctx, paths, {m: explainers[m] for m in attribution}, targets, out,
-                                           scale, evaluate, steps, quiet))
+                                           scale, evaluate, steps, quiet, overlay_on))
     for m in methods:
         if kinds[m] == "dataset":
             from cxrtool.data import ImageSet
@@ -239,7 +250,7 @@ def explain(
 
 
 def _explain_attribution(ckpt, ctx, paths, explainers, targets, out: Path, scale: str, evaluate: bool, steps: int,
-                         quiet: bool) -> dict[str, Any]:
+                         quiet: bool, overlay_on: str = "original") -> dict[str, Any]:
     import time
     from dataclasses import replace
 
@@ -248,7 +259,7 @@ def _explain_attribution(ckpt, ctx, paths, explainers, targets, out: Path, scale
 
     from cxrtool import metrics as M
     from cxrtool.explain import map_scale, predict_probs, render_contact_sheet, render_overlay, scale_note
-    from cxrtool.imaging import geometry, to_tensor
+    from cxrtool.imaging import geometry, overlay_base, to_tensor
     from cxrtool.io import versions, write_json
 
     pp = ckpt.preprocessing
@@ -322,7 +333,8 @@ def _explain_attribution(ckpt, ctx, paths, explainers, targets, out: Path, scale
             title = f"{_short(Path(p).name)} — {m}"
             sub = (f"predicted {names[pred]} (p={probs[i, pred]:.3f}); map for {names[t]}"
                    + (f" (p={probs[i, t]:.3f})" if t != pred else ""))
-            png = render_overlay(base.with_name(base.name + ".png"), arr[i], amap, title=title, subtitle=sub,
+            image, shown, drawn_on = overlay_base(p, arr[i], amap, ckpt.preprocessing, overlay_on)
+            png = render_overlay(base.with_name(base.name + ".png"), image, shown, title=title, subtitle=sub,
                                  vmin=vmin, vmax=vmax, signed=sc["signed"], unit=sc["unit"], scale_note=note)
             render_s = time.perf_counter() - t0
             manifest = {
@@ -335,7 +347,8 @@ def _explain_attribution(ckpt, ctx, paths, explainers, targets, out: Path, scale
                 "map": {"file": str(npy), "shape": list(amap.shape), "dtype": "float32",
                         "resolution": "model input (preprocessed image) pixels", "min": float(amap.min()),
                         "max": float(amap.max()), "signed": sc["signed"], "unit": sc["unit"]},
-                "overlay": {"file": str(png), "scale": scale, "scale_note": note, "vmin": vmin, "vmax": vmax},
+                "overlay": {"file": str(png), "drawn_on": drawn_on, "shape": list(image.shape), "scale": scale,
+                            "scale_note": note, "vmin": vmin, "vmax": vmax},
                 "extras": extras[m][i],
                 "timings": {"attribute_s": seconds[m][i], "render_s": render_s},
                 "versions": versions(), "checkpoint_versions": ckpt.meta.get("versions"),

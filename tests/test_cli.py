@@ -80,6 +80,9 @@ def test_predict_csv_json_and_tta(trained, phantoms, capsys, tmp_path):
     assert code == 0, err
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "path,label,probability,p_LESION,p_NORMAL,threshold" and len(lines) == 9
+    code, out, err = run(capsys, "predict", images, "-c", trained, "-q", "--threshold", "0.25")
+    assert code == 0, err  # the table says how a label follows from the probabilities
+    assert "abnormal when 1 - p(NORMAL) >= 0.25 (--threshold)" in " ".join(out.split())
 
 
 def test_latest_run_is_the_default_checkpoint(trained, phantoms, capsys, monkeypatch):

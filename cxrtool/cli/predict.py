@@ -62,7 +62,21 @@ def predict(
         table.add_column(f"p({n})", justify="right")
     for r in rows:
         table.add_row(r["path"], r["label"], *[f"{r[f'p_{n}']:.3f}" for n in names])
+    if thr is not None and neg is not None:
+        table.caption = f"abnormal when 1 - p({names[neg]}) >= {thr:.3g}" + _operating_point_note(ckpt, threshold)
     out_console.print(table)
+
+
+def _operating_point_note(ckpt, given: float | None) -> str:
+    """Why the threshold is where it is (a low one means high sensitivity at the cost of specificity)."""
+    op = ckpt.meta.get("operating_point") or {}
+    if given is not None or not op:
+        return " (--threshold)" if given is not None else ""
+    target = ", ".join(f"{k} >= {v:g}" for k, v in (op.get("target") or {}).items())
+    got = ", ".join(f"{k} {op[k]:.3f}" for k in ("sensitivity", "specificity") if isinstance(op.get(k), (int, float)))
+    where = op.get("chosen_on", "training")
+    return (f": the operating point stored at training ({target}; on the {where}: {got}); "
+            "--threshold to change it") if target else ""
 
 
 def register(app: typer.Typer) -> None:

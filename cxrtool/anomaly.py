@@ -645,16 +645,10 @@ def score_set(loaded: LoadedDetector, ds: ImageSet, *, batch_size: int = 64, str
               on_batch: Callable[[np.ndarray, list[int], np.ndarray, np.ndarray], None] | None = None) -> ScoredSet:
     """Stream ``ds`` through the detector (decoding overlaps scoring). ``on_batch(images, indices,
     scores, heatmaps)`` sees each batch, e.g. to write overlays, without holding all maps."""
-    from cxrtool.data import DataWarning, iter_batches
-    from cxrtool.errors import ImageReadError
+    from cxrtool.data import checked_batches
 
     scores, kept, peaks, failures = [], [], [], []
-    for arr, idx, bad in iter_batches(ds, loaded.preprocessing, batch_size):
-        if bad and strict:
-            raise ImageReadError(bad[0][1])
-        for _, msg in bad:
-            warnings.warn(f"skipped unreadable image {msg}", DataWarning, stacklevel=2)
-        failures.extend(bad)
+    for arr, idx, bad in checked_batches(ds, loaded.preprocessing, batch_size, failures, strict=strict):
         if len(idx):
             sc, hm = loaded.detector.score(arr)
             sc = np.asarray(sc, dtype=np.float64)

@@ -429,6 +429,20 @@ def iter_batches(ds: ImageSet, pp: Preprocessing, batch_size: int, workers: int 
             yield arr, [i for i, _ in ok], bad
 
 
+def checked_batches(ds: ImageSet, pp: Preprocessing, batch_size: int, failures: list[tuple[int, str]], *,
+                    strict: bool = False, workers: int | None = None
+                    ) -> Iterable[tuple[np.ndarray, list[int], list[tuple[int, str]]]]:
+    """:func:`iter_batches` for inference: an unreadable image raises (``strict``) or is skipped with a
+    warning that names it and recorded in ``failures``."""
+    for arr, idx, bad in iter_batches(ds, pp, batch_size, workers=workers):
+        if bad and strict:
+            raise ImageReadError(bad[0][1])
+        for _, msg in bad:
+            warnings.warn(f"skipped unreadable image {msg}", DataWarning, stacklevel=3)
+        failures.extend(bad)
+        yield arr, idx, bad
+
+
 def gather_images(inputs: Iterable[str | Path]) -> list[str]:
     """Expand files and folders (recursively) into a sorted list of image files."""
     out: list[str] = []

@@ -432,7 +432,7 @@ def extract(
     """
     import torch
 
-    from cxrtool.data import DataWarning, iter_batches
+    from cxrtool.data import checked_batches
     from cxrtool.imaging import to_tensor
 
     if len(ds) == 0:
@@ -445,12 +445,7 @@ def extract(
     pp = ckpt.preprocessing
     chunks, kept, failures = [], [], []
     with LayerTap(model, layer) as tap, torch.inference_mode():
-        for arr, idx, bad in iter_batches(ds, pp, batch_size, workers=workers):
-            if bad and strict:
-                raise ImageReadError(bad[0][1])
-            for _, msg in bad:
-                warnings.warn(f"skipped unreadable image {msg}", DataWarning, stacklevel=2)
-            failures.extend(bad)
+        for arr, idx, bad in checked_batches(ds, pp, batch_size, failures, strict=strict, workers=workers):
             if len(idx):
                 chunks.append(tap(to_tensor(arr, pp)))
                 kept.extend(idx)

@@ -3,15 +3,14 @@ holds a whole dataset decoded in memory, overlaps decoding with the forward pass
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from cxrtool.checkpoint import Checkpoint
-from cxrtool.data import DataWarning, ImageSet, iter_batches
-from cxrtool.errors import DataError, ImageReadError, UsageError
+from cxrtool.data import ImageSet, checked_batches
+from cxrtool.errors import DataError, UsageError
 
 
 @dataclass
@@ -53,12 +52,7 @@ def predict_set(
     gen = torch.Generator().manual_seed(seed)
     probs, kept, failures = [], [], []
     with torch.inference_mode():
-        for arr, idx, bad in iter_batches(ds, pp, batch_size):
-            if bad and strict:
-                raise ImageReadError(bad[0][1])
-            for _, msg in bad:
-                warnings.warn(f"skipped unreadable image {msg}", DataWarning, stacklevel=2)
-            failures.extend(bad)
+        for arr, idx, bad in checked_batches(ds, pp, batch_size, failures, strict=strict):
             if len(idx):
                 x = torch.from_numpy(arr).unsqueeze(1).float().div_(255.0)
                 p = torch.softmax(model(normalize(x.clone(), pp)), dim=1)

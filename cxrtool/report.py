@@ -225,6 +225,16 @@ def _roc_axes(ax) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _checked(y_true: Any, probs: Any, class_names: list[str], negative_index: int | None):
+    """(probabilities (N, C), labels (N,), class names, negative index), checked against each other."""
+    probs = _as_probs(probs)
+    n, n_classes = probs.shape
+    names = [str(c) for c in class_names]
+    if len(names) != n_classes:
+        raise DataError(f"{len(names)} class names but probabilities have {n_classes} columns")
+    return probs, _labels(y_true, n, n_classes), names, _check_negative_index(negative_index, n_classes)
+
+
 def _curve(ax, is_pos: np.ndarray, score: np.ndarray, label: str, **style) -> bool:
     """Draw one ROC curve; ``False`` (nothing drawn) when only one group is present."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -256,13 +266,8 @@ def plot_roc(
     Classes absent from ``y_true`` get no curve (noted in the legend).
     """
     plt = _pyplot()
-    probs = _as_probs(probs)
+    probs, y, names, neg = _checked(y_true, probs, class_names, negative_index)
     n, n_classes = probs.shape
-    names = [str(c) for c in class_names]
-    if len(names) != n_classes:
-        raise DataError(f"{len(names)} class names but probabilities have {n_classes} columns")
-    y = _labels(y_true, n, n_classes)
-    neg = _check_negative_index(negative_index, n_classes)
 
     fig, ax = plt.subplots(figsize=(6.4, 6.0))
     _roc_axes(ax)
@@ -325,13 +330,8 @@ def plot_probability_histogram(
     Otherwise one panel per class with ``P(class)`` for that class vs the rest.
     """
     plt = _pyplot()
-    probs = _as_probs(probs)
+    probs, y, names, neg = _checked(y_true, probs, class_names, negative_index)
     n, n_classes = probs.shape
-    names = [str(c) for c in class_names]
-    if len(names) != n_classes:
-        raise DataError(f"{len(names)} class names but probabilities have {n_classes} columns")
-    y = _labels(y_true, n, n_classes)
-    neg = _check_negative_index(negative_index, n_classes)
     bins = np.linspace(0.0, 1.0, 26)
 
     if neg is not None or n_classes == 2:

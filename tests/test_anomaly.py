@@ -41,14 +41,7 @@ DAE_FOCAL = {"score": "mse", "reduce": "max"}
 run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

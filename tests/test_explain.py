@@ -21,14 +21,7 @@ from cxrtool.imaging import Preprocessing
 from cxrtool.testing import run_cli
 from cxrtool_builtin.explainers.occlusion import ConeOcclusion, ConeUnsupported, Occlusion, accumulate, window_grid
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 run = run_cli  # (exit code, stdout, stderr) of `cxrtool ARGS`

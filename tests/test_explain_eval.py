@@ -23,13 +23,7 @@ from cxrtool.explain_eval import (
 )
 from cxrtool.imaging import Preprocessing
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_spearman_known_values():

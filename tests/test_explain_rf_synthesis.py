@@ -28,13 +28,7 @@ from cxrtool_builtin.explainers.receptive_fields import (
     unit_box,
 )
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _agree(model: nn.Module, layer: str, size: int, rf: dict | None = None) -> dict:

@@ -31,14 +31,7 @@ NAMES = sorted(registry.all_specs("model"))
 SIZE = 64  # every model must work from 64 px; small inputs keep the big ones fast on 2 cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
-    threads spin-wait on each other (seen: 5 s instead of 0.04 s for a DenseNet forward)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _seeded(name: str, num_classes: int, seed: int = 0) -> nn.Module:

@@ -21,6 +21,7 @@ from torch import nn
 
 from cxrtool.anomaly import Detector, FitContext
 from cxrtool.errors import TrainingError, UsageError
+from cxrtool.options import as_bool
 from cxrtool_builtin.anomaly._ops import (
     blur,
     check_reduce,
@@ -35,15 +36,6 @@ from cxrtool_builtin.anomaly._ops import (
 LOSSES = ("mse", "mse+ssim")
 SCORES = ("mse", "ssim")
 
-
-def _bool_opt(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"detector option {name}={value!r} must be true or false")
 
 
 class ConvAE(nn.Module):
@@ -97,7 +89,7 @@ class AutoencoderDetector(Detector):
                          standardize=standardize, noise=noise, noise_grid=noise_grid)
         self.noise = float_opt("noise", noise, -1e-12)
         self.noise_grid = int_opt("noise_grid", noise_grid, 1)
-        self.standardize = _bool_opt("standardize", standardize)
+        self.standardize = as_bool(standardize, "detector option standardize")
         self.latent = int_opt("latent", latent, 0)
         self.depth = int_opt("depth", depth, 1)
         self.width = int_opt("width", width, 1)

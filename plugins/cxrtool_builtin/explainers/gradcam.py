@@ -18,19 +18,10 @@ import torch.nn.functional as F
 from cxrtool.errors import UsageError
 from cxrtool.explain import Attribution, ExplainContext, Explainer, choice_option, explainable_layers
 from cxrtool.models import get_submodule
+from cxrtool.options import as_bool
 
 MODES = ("bilinear", "nearest", "bicubic")
 
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"grad-cam: option relu={value!r} is not true/false")
 
 
 class GradCAM(Explainer):
@@ -40,7 +31,7 @@ class GradCAM(Explainer):
 
     def __init__(self, relu=True, interpolate="bilinear", **_: Any):
         super().__init__(relu=relu, interpolate=interpolate)
-        self.relu = _bool(relu)
+        self.relu = as_bool(relu, "grad-cam: option relu")
         self.interpolate = choice_option(self.name, "interpolate", interpolate, MODES)
         self.signed = not self.relu
 

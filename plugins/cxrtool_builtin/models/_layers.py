@@ -80,13 +80,6 @@ def int_option(name: str, value, low: int) -> int:
 
 def bool_option(name: str, value) -> bool:
     """``value`` as a bool: accepts bools, 0/1 and the words true/false/yes/no/on/off."""
-    from cxrtool.errors import UsageError
+    from cxrtool.options import as_bool
 
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"model option {name}={value!r} is not true/false")
+    return as_bool(value, f"model option {name}")
